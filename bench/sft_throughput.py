@@ -1,0 +1,155 @@
+"""SFT throughput and model FLOP utilisation (MFU) against this machine's measured fp32 matmul peak.
+
+    vqa-rlhf bench [--models default,gpt2-124m] [--steps 20] [--threads N]
+
+For each model (built from configs, random weights, no downloads) it times full
+training steps (forward, backward, AdamW) on batches shaped like the real data,
+and prints samples/s, tokens/s and achieved TFLOP/s as a share of the peak that
+a large fp32 matmul reaches in the same process. FLOPs per step are counted
+analytically: 6 x parameters x tokens for every matmul weight (vision tower on
+its patches, projector and language model on the full sequence) plus 12 x
+layers x seq^2 x width for attention scores.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vlm.config import ModelConfig
+
+
+@dataclass
+class BenchModel:
+    name: str
+    model: ModelConfig
+    vocab_size: int
+    batch_size: int
+    text_tokens: int  # prompt + answer tokens besides the image tokens
+
+
+MODELS = {
+    # The built-in default (configs/default.yaml): 48 px / 16 px patches -> 10 image tokens.
+    "default": BenchModel("default", ModelConfig(), vocab_size=512, batch_size=64, text_tokens=16),
+    # GPT-2 124M + CLIP ViT-B/32 at 224 px (50 image tokens), shapes only: built from configs.
+    "gpt2-124m": BenchModel(
+        "gpt2-124m (ViT-B/32)",
+        ModelConfig(text_layers=12, text_width=768, text_heads=12, max_positions=1024, vision_layers=12,
+                    vision_width=768, vision_heads=12, image_size=224, patch_size=32, vision_feature_layer=-2),
+        vocab_size=50258, batch_size=4, text_tokens=30,
+    ),
+}
+
+
+def matmul_peak_flops(size: int = 2048, seconds: float = 2.0) -> float:
+    """Best fp32 FLOP/s of a square matmul: the ceiling MFU is measured against."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def build(bench: BenchModel):
+    from transformers import CLIPVisionConfig, GPT2Config, LlavaConfig, LlavaForConditionalGeneration
+
+    cfg = bench.model
+    vision = CLIPVisionConfig(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width,
+                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+                              image_size=cfg.image_size, patch_size=cfg.patch_size)
+    text = GPT2Config(n_embd=cfg.text_width, n_layer=cfg.text_layers, n_head=cfg.text_heads,
+                      n_positions=cfg.max_positions, vocab_size=bench.vocab_size, tie_word_embeddings=False,
+                      bos_token_id=0, eos_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=bench.vocab_size - 1,
+                         vision_feature_select_strategy="full", vision_feature_layer=cfg.vision_feature_layer,
+                         image_seq_length=(cfg.image_size // cfg.patch_size) ** 2 + 1, tie_word_embeddings=False)
+    return LlavaForConditionalGeneration(config)
+
+
+def batch_for(model, bench: BenchModel) -> dict:
+    cfg = model.config
+    image_tokens = cfg.image_seq_length
+    text = torch.randint(0, bench.vocab_size - 1, (bench.batch_size, bench.text_tokens))
+    image = torch.full((bench.batch_size, image_tokens), cfg.image_token_index)
+    input_ids = torch.cat([text[:, :4], image, text[:, 4:]], dim=1)
+    labels = input_ids.clone()
+    labels[:, : input_ids.shape[1] - 3] = -100  # a short answer at the end, as in VQA
+    size = cfg.vision_config.image_size
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+            "pixel_values": torch.randn(bench.batch_size, 3, size, size)}
+
+
+def step_flops(model, batch: dict) -> float:
+    cfg = model.config
+    batch_size, seq = batch["input_ids"].shape
+    patches = cfg.image_seq_length
+    params = dict(vision=0, projector=0, language=0)
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
+            continue  # embeddings are lookups; biases and norms are negligible
+        part = "vision" if "vision_tower" in name else "projector" if "projector" in name else "language"
+        params[part] += p.numel()
+    text, vision = cfg.text_config, cfg.vision_config
+    matmul = 6 * batch_size * (params["vision"] * patches + params["projector"] * patches + params["language"] * seq)
+    attention = 12 * batch_size * (text.n_layer * seq**2 * text.n_embd
+                                   + vision.num_hidden_layers * patches**2 * vision.hidden_size)
+    return float(matmul + attention)
+
+
+def bench_model(bench: BenchModel, steps: int, warmup: int = 2) -> dict:
+    torch.manual_seed(0)
+    model = build(bench)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = batch_for(model, bench)
+    timings = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            timings.append(time.perf_counter() - start)
+    seconds = sorted(timings)[len(timings) // 2]  # median step
+    batch_size, seq = batch["input_ids"].shape
+    flops = step_flops(model, batch)
+    return {"model": bench.name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "batch": batch_size, "seq": seq, "step_s": seconds, "samples_s": batch_size / seconds,
+            "tokens_s": batch_size * seq / seconds, "tflops": flops / seconds / 1e12}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="default,gpt2-124m", help=f"comma-separated, of {','.join(MODELS)}")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_peak_flops()
+    print(f"fp32 matmul peak (2048^2, best of 2 s): {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    print(f"{'model':<22}{'params M':>9}{'batch':>6}{'seq':>5}{'s/step':>8}{'samples/s':>11}"
+          f"{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}")
+    for name in names:
+        r = bench_model(MODELS[name], args.steps)
+        print(f"{r['model']:<22}{r['params_m']:>9.1f}{r['batch']:>6}{r['seq']:>5}{r['step_s']:>8.3f}"
+              f"{r['samples_s']:>11.1f}{r['tokens_s']:>10.0f}{r['tflops'] * 1e3:>9.1f}"
+              f"{r['tflops'] * 1e12 / peak:>7.1%}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Argument parsing and file writing shared by the stage scripts."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from vlm.config import ConfigError, RunConfig, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"vqa-rlhf {prog}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG),
+                        help="YAML run config (default: configs/default.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. sft.lr=3e-4 data.max_train_samples=1000")
+    # The DeepSpeed launcher passes --local_rank; torchrun sets LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def config_from_args(args) -> RunConfig:
+    config_path, overrides = args.config, list(args.overrides)
+    if "=" in config_path:  # `vqa-rlhf sft key=value` with the default config
+        overrides.insert(0, config_path)
+        config_path = str(DEFAULT_CONFIG)
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+
+
+def parse_stage_args(prog: str, doc: str, argv=None) -> RunConfig:
+    parser = stage_parser(prog, doc)
+    return config_from_args(parser.parse_args(argv))
+
+
+def write_json(path: Path, data) -> None:
+    """Atomic: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

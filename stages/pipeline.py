@@ -1,0 +1,121 @@
+"""The staged run behind ./launch.sh: each stage as its own process, then the report.
+
+    ./launch.sh                                   # configs/default.yaml, every stage
+    ./launch.sh CONFIG [--stages sft,eval] [--smoke] [--force] [key=value ...]
+
+Stages run in order as separate processes (a crash stays in its stage; training
+stages start under torchrun or the DeepSpeed launcher when the config's
+`launcher` says so). A stage that finished with the same config is skipped, so
+re-running after a kill continues where it stopped (training resumes from its
+last checkpoint). The run ends with report.json, report.md and report.png in
+<run dir> and a table of per-stage metrics.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vlm.config import STAGES, ConfigError, RunConfig, load_config, to_dict
+from stages.common import DEFAULT_CONFIG, write_json
+from stages.report import build_report, print_table
+
+STAGE_MODULES = {"prep": "stages.prep", "sft": "stages.sft", "eval": "stages.evaluate"}
+TRAINING_STAGES = {"sft"}
+
+# --smoke: a few steps on a small slice, to validate a config end to end in minutes.
+SMOKE_OVERRIDES = [
+    "sft.steps=4", "sft.save_steps=2", "sft.eval_steps=2", "sft.eval_samples=16", "sft.logging_steps=1",
+    "sft.batch_size=4", "sft.warmup_steps=0", "data.max_train_samples=64", "eval.max_samples=32",
+    "eval.batch_size=16",
+]
+SMOKE_SYNTHETIC = {"train_images": 40, "val_images": 8, "test_images": 8}
+
+
+def stage_command(config: RunConfig, stage: str, config_path: str, overrides: list[str]) -> list[str]:
+    module = STAGE_MODULES[stage]
+    args = [config_path, *overrides]
+    if stage not in TRAINING_STAGES or config.launcher == "none":
+        return [sys.executable, "-m", module, *args]
+    if config.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={config.nproc_per_node}",
+                "-m", module, *args]
+    command = ["deepspeed"]
+    if config.hostfile:
+        command += ["--hostfile", config.hostfile]
+    else:
+        command += ["--num_gpus", str(config.nproc_per_node)]
+    return command + ["--module", module, *args]
+
+
+def config_fingerprint(config: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run(config_path: str, stages: list[str], overrides: list[str], force: bool) -> int:
+    config = load_config(config_path, overrides)
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = config_fingerprint(config)
+    for stage in stages:
+        marker = run_dir / stage / "done.json"
+        if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
+            print(f"== {stage}: done earlier with this config, skipping (--force to rerun)", flush=True)
+            continue
+        command = stage_command(config, stage, config_path, overrides)
+        print(f"== {stage}: {' '.join(command)}", flush=True)
+        started = time.perf_counter()
+        returncode = subprocess.call(command)
+        if returncode != 0:
+            print(f"== {stage} failed (exit {returncode}); fix and re-run: finished stages are kept, "
+                  f"training resumes from its last checkpoint", file=sys.stderr)
+            return returncode
+        write_json(marker, {"config": fingerprint, "seconds": round(time.perf_counter() - started, 1)})
+    report = build_report(run_dir)
+    print_table(report)
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vqa-rlhf run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML run config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (default: the config's)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few steps of each stage on a small slice, into <run>-smoke")
+    parser.add_argument("--force", action="store_true", help="rerun stages that finished earlier")
+    args = parser.parse_args(argv)
+    config_path, overrides = args.config, list(args.overrides)
+    if "=" in config_path:
+        overrides.insert(0, config_path)
+        config_path = str(DEFAULT_CONFIG)
+    try:
+        config = load_config(config_path, overrides)
+        if args.smoke:
+            smoke = [*SMOKE_OVERRIDES, f"name={config.name}-smoke"]
+            if config.data.source == "synthetic":
+                smoke += [f"data.synthetic.{k}={v}" for k, v in SMOKE_SYNTHETIC.items()]
+                if not config.data.dir:
+                    smoke.append(f"data.dir={config.run_dir.with_name(config.name + '-smoke') / 'data'}")
+            overrides = [*overrides, *smoke]
+            config = load_config(config_path, overrides)
+        stages = args.stages.split(",") if args.stages else list(config.stages)
+        unknown = [s for s in stages if s not in STAGE_MODULES]
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGE_MODULES)}")
+    except ConfigError as exc:
+        sys.exit(f"error: {exc}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run(config_path, stages, overrides, args.force)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Stage 0: the dataset the other stages read, in the project's schema (data_prep/README.md).
+
+    vqa-rlhf prep configs/default.yaml [key=value ...]
+
+data.source=synthetic generates the built-in dataset into data.dir (default
+<run>/data); it is skipped when that dir already holds the same generation.
+data.source=disk checks that data.dir holds a converted dataset.
+"""
+from __future__ import annotations
+
+import sys
+
+from data_prep.synthetic import SyntheticConfig, generate
+from vlm.data import load_split
+from stages.common import parse_stage_args
+
+
+def prepare(config) -> dict:
+    data = config.data
+    if data.source == "synthetic":
+        fields = {"seed": config.seed, **data.synthetic}
+        try:
+            synthetic = SyntheticConfig(**fields)
+        except (TypeError, ValueError) as exc:
+            raise SystemExit(f"error: data.synthetic: {exc}") from None
+        return generate(synthetic, config.data_dir)
+    counts = {}
+    for split in (data.train_split, data.val_split, data.test_split):
+        counts[split] = len(load_split(config.data_dir, "vqa", split))
+    return counts
+
+
+def main(argv=None) -> int:
+    config = parse_stage_args("prep", __doc__, argv)
+    counts = prepare(config)
+    print(f"prep: dataset in {config.data_dir}: {counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

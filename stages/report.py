@@ -1,0 +1,114 @@
+"""The run report: report.json, report.md and report.png from a run dir's stage outputs.
+
+    vqa-rlhf report runs/default
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stages.common import write_json
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_report(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    report: dict = {"run_dir": str(run_dir), "stages": {}, "baselines": {}}
+    sft = _read(run_dir / "sft" / "metrics.json")
+    sft_eval = _read(run_dir / "eval" / "sft" / "metrics.json")
+    if sft or sft_eval:
+        entry: dict = {}
+        if sft_eval:
+            entry.update({
+                "vqa_accuracy": sft_eval["vqa_accuracy"],
+                "by_answer_type": sft_eval["by_answer_type"],
+                "by_question_family": sft_eval["by_question_family"],
+                "eval_split": sft_eval["split"],
+                "eval_count": sft_eval["count"],
+            })
+            report["baselines"]["majority_answer"] = sft_eval["baselines"]["majority_answer"]["vqa_accuracy"]
+        if sft:
+            entry.update({"seconds": sft["seconds"], "steps": sft["steps"], "checkpoint": sft["checkpoint"],
+                          "train_loss": sft["train_loss"]})
+        curve_path = run_dir / "sft" / "eval_log.jsonl"
+        if curve_path.is_file():
+            entry["val_accuracy_curve"] = [json.loads(l) for l in curve_path.read_text().splitlines() if l.strip()]
+        report["stages"]["sft"] = entry
+    write_json(run_dir / "report.json", report)
+    (run_dir / "report.md").write_text(render_markdown(report))
+    if sft:
+        plot(sft.get("log_history", []), report["stages"]["sft"].get("val_accuracy_curve", []),
+             run_dir / "report.png")
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Run report: {report['run_dir']}", ""]
+    lines += ["| stage | VQA accuracy | seconds | checkpoint |", "|---|---|---|---|"]
+    for stage, entry in report["stages"].items():
+        lines.append(f"| {stage} | {entry.get('vqa_accuracy', '-')} | {entry.get('seconds', '-')} | "
+                     f"{entry.get('checkpoint', '-')} |")
+    for name, value in report["baselines"].items():
+        lines.append(f"| baseline: {name} | {value} | | |")
+    sft = report["stages"].get("sft", {})
+    for title, key in (("By answer type", "by_answer_type"), ("By question family", "by_question_family")):
+        if sft.get(key):
+            lines += ["", f"## {title} (sft, {sft.get('eval_split')} split, {sft.get('eval_count')} questions)", "",
+                      "| group | VQA accuracy |", "|---|---|"]
+            lines += [f"| {group} | {acc:.2f} |" for group, acc in sorted(sft[key].items())]
+    if sft.get("val_accuracy_curve"):
+        lines += ["", "## Held-out (val) accuracy against training time", "",
+                  "| step | training minutes | VQA accuracy |", "|---|---|---|"]
+        lines += [f"| {e['step']} | {e['train_seconds'] / 60:.1f} | {e['vqa_accuracy']:.2f} |"
+                  for e in sft["val_accuracy_curve"]]
+    lines += ["", "![training curves](report.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(log_history: list[dict], curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if losses:
+        ax_loss.plot(*zip(*losses))
+    ax_loss.set(title="SFT training loss", xlabel="step", ylabel="loss (answer tokens)")
+    ax_loss.set_yscale("log")
+    if curve:
+        ax_acc.plot([e["train_seconds"] / 60 for e in curve], [e["vqa_accuracy"] for e in curve], marker="o")
+    ax_acc.set(title="held-out VQA accuracy", xlabel="training minutes", ylabel="VQA accuracy (%)", ylim=(0, 100))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'stage':<24}{'VQA accuracy':>14}{'seconds':>10}")
+    for stage, entry in report["stages"].items():
+        acc = entry.get("vqa_accuracy")
+        print(f"{stage:<24}{acc if acc is not None else '-':>14}{entry.get('seconds', '-'):>10}")
+    for name, value in report["baselines"].items():
+        print(f"{'baseline: ' + name:<24}{value:>14}{'':>10}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vqa-rlhf report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run directory, e.g. runs/default")
+    args = parser.parse_args(argv)
+    if not Path(args.run_dir).is_dir():
+        sys.exit(f"error: no run directory {args.run_dir}")
+    print_table(build_report(Path(args.run_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Stage 1: supervised fine-tuning on VQA, loss on answer tokens only.
+
+    vqa-rlhf sft configs/default.yaml [key=value ...]
+    torchrun --nproc_per_node 2 -m stages.sft configs/default.yaml sft.deepspeed=configs/deepspeed/zero2.json
+
+setup: config -> processor + model (+ LoRA / QLoRA, freezing) -> datasets
+train: HF Trainer (DeepSpeed, checkpoints every sft.save_steps, resume after a kill),
+       held-out VQA accuracy every sft.eval_steps
+save:  <run>/sft/final (stock-loadable model + processor + config), metrics.json
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback, set_seed
+
+from vlm.config import RunConfig, to_dict
+from vlm.data import (
+    ImageCache,
+    RejectLog,
+    SupervisedDataset,
+    VLMCollator,
+    caption_items,
+    load_split,
+    vqa_items,
+)
+from vlm.generate import answer_questions
+from vlm.model import build_model, build_processor, load_model, count_parameters
+from vlm.train import (
+    VLMTrainer,
+    apply_lora,
+    is_main_process,
+    last_complete_checkpoint,
+    part_learning_rates,
+    quantization_config,
+    save_final,
+    set_trainable,
+    training_arguments,
+)
+from vlm.vqa_metric import score_records
+from stages.common import parse_stage_args, write_json
+
+
+def corpus(config: RunConfig):
+    """Texts a from-scratch tokenizer is trained on: prompts, answers and captions of the train split."""
+    data_dir = config.data_dir
+    prompt = config.data.prompt_template.format(question="")
+    yield prompt + " " + config.data.caption_prompt
+    for record in load_split(data_dir, "vqa", config.data.train_split):
+        yield config.data.prompt_template.format(question=record["question"])
+        yield " ".join(record["answers"])
+    if (data_dir / "captions").exists():
+        for record in load_split(data_dir, "captions", config.data.train_split):
+            yield record["caption"]
+
+
+def setup_model(config: RunConfig, work_dir: Path):
+    """Processor and model, from a checkpoint, pretrained parts or scratch.
+
+    The processor is saved in the stage dir on first start and reused on resume:
+    a tokenizer trained again could differ, a saved one cannot."""
+    model_config = config.model
+    processor_dir = work_dir / "processor"
+    if model_config.checkpoint:
+        model, processor = load_model(model_config.checkpoint)
+        base_dir = Path(model_config.checkpoint)
+    else:
+        if processor_dir.is_dir():
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(processor_dir)
+        else:
+            processor = build_processor(model_config, corpus(config))
+            if is_main_process():
+                processor.save_pretrained(processor_dir)
+        model = build_model(model_config, processor)
+        base_dir = None
+    processor.tokenizer.padding_side = "right"
+
+    bits = config.sft.lora.quantize_bits
+    if bits:
+        if not config.sft.lora.enabled:
+            raise ValueError("sft.lora.quantize_bits needs sft.lora.enabled=true (QLoRA)")
+        if base_dir is None:  # quantization happens at load: put the fresh model on disk first
+            base_dir = work_dir / "base-model"
+            if is_main_process() and not (base_dir / "config.json").is_file():
+                model.save_pretrained(base_dir)
+                processor.save_pretrained(base_dir)
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(
+            base_dir, quantization_config=quantization_config(bits), dtype=torch.float32
+        )
+    set_trainable(model, config.sft)
+    if config.sft.lora.enabled:
+        model = apply_lora(model, config.sft)
+    return model, processor
+
+
+def setup_data(config: RunConfig, processor, model_config, work_dir: Path):
+    data = config.data
+    images = ImageCache(processor.image_processor, config.data_dir)
+    rejects = RejectLog(work_dir / "rejects.jsonl", data.on_bad_record)
+    (work_dir / "rejects.jsonl").unlink(missing_ok=True)
+    vqa_train = load_split(config.data_dir, "vqa", data.train_split)
+    if data.max_train_samples:
+        vqa_train = vqa_train.select(range(min(data.max_train_samples, len(vqa_train))))
+    source = str(config.data_dir / "vqa" / data.train_split)
+    items = list(vqa_items(vqa_train, data.prompt_template, data.answer_template, source, rejects))
+    if data.caption_ratio > 0 and (config.data_dir / "captions").exists():
+        captions = load_split(config.data_dir, "captions", data.train_split)
+        count = int(len(items) * data.caption_ratio)
+        rng = random.Random(config.seed)
+        picks = [rng.randrange(len(captions)) for _ in range(count)]
+        items += list(caption_items(
+            captions.select(picks), data.prompt_template, data.caption_prompt, data.answer_template,
+            str(config.data_dir / "captions" / data.train_split),
+        ))
+    dataset = SupervisedDataset(
+        items, processor.tokenizer, images, model_config.image_seq_length, data.max_length, rejects
+    )
+    if len(dataset) == 0:
+        raise ValueError(f"no usable training examples in {source} (see {rejects.path})")
+    val = load_split(config.data_dir, "vqa", data.val_split)
+    val_records = [val[i] for i in range(min(config.sft.eval_samples, len(val)))]
+    return dataset, val_records, images, rejects
+
+
+class HeldOutAccuracy(TrainerCallback):
+    """Official VQA accuracy on a slice of the val split every `eval_steps`, logged with
+    the training minutes it took to get there (eval time excluded)."""
+
+    def __init__(self, config: RunConfig, processor, records, images, log_path: Path):
+        self.config = config
+        self.processor = processor
+        self.records = records
+        self.images = images
+        self.log_path = log_path
+        self.trainer = None
+        self.train_seconds = 0.0
+        self._last = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Resumed runs continue the clock where the checkpoint's step left it.
+        if self.log_path.exists():
+            entries = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+            entries = [e for e in entries if e["step"] <= state.global_step]
+            if is_main_process():
+                self.log_path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+            self.train_seconds = entries[-1]["train_seconds"] if entries else 0.0
+        self._last = time.perf_counter()
+        if state.global_step == 0 and self.config.sft.eval_steps:
+            self._evaluate(model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        now = time.perf_counter()
+        self.train_seconds += now - self._last
+        self._last = now
+        every = self.config.sft.eval_steps
+        if every and (state.global_step % every == 0 or state.global_step == state.max_steps):
+            self._evaluate(model, state)
+            self._last = time.perf_counter()
+
+    def _evaluate(self, model, state):
+        cfg = self.config
+        predictions = answer_questions(
+            model, self.processor, self.records, self.images, cfg.data.prompt_template,
+            cfg.eval.decoding, cfg.eval.batch_size, cfg.data.max_length,
+        )
+        report = score_records(
+            {"question_id": r["id"], "prediction": p, "answers": r["answers"]}
+            for r, p in zip(self.records, predictions)
+        )
+        entry = {"step": state.global_step, "train_seconds": round(self.train_seconds, 2),
+                 "vqa_accuracy": report.overall}
+        if is_main_process():
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if self.trainer is not None:
+            self.trainer.log({"val_vqa_accuracy": report.overall})
+
+
+def train(config: RunConfig, callbacks=()) -> dict:
+    """Runs the stage; returns its metrics. `callbacks` are extra TrainerCallbacks."""
+    work_dir = config.run_dir / "sft"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    model, processor = setup_model(config, work_dir)
+    llava_config = model.config
+    dataset, val_records, images, rejects = setup_data(config, processor, llava_config, work_dir)
+    if is_main_process():
+        print(
+            f"sft: {len(dataset)} examples ({rejects.count} rejected), "
+            f"{count_parameters(model):,} parameters, {count_parameters(model, True):,} trainable",
+            flush=True,
+        )
+
+    checkpoints = work_dir / "checkpoints"
+    args = training_arguments(config.sft, checkpoints, config.seed)
+    held_out = HeldOutAccuracy(config, processor, val_records, images, work_dir / "eval_log.jsonl")
+    trainer = VLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=VLMCollator(processor.tokenizer.pad_token_id),
+        callbacks=[held_out, *callbacks],
+        part_lrs=part_learning_rates(config.sft),
+    )
+    held_out.trainer = trainer
+    resume_from = last_complete_checkpoint(checkpoints) if config.sft.resume else None
+    if resume_from and is_main_process():
+        print(f"sft: resuming from {resume_from}", flush=True)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+
+    final_dir = work_dir / "final"
+    metrics = {
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "seconds": round(held_out.train_seconds or seconds, 2),
+        "examples": len(dataset),
+        "rejected": rejects.count,
+        "checkpoint": str(final_dir),
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        save_final(trainer.model, processor, final_dir, to_dict(config))
+        write_json(work_dir / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv=None) -> int:
+    config = parse_stage_args("sft", __doc__, argv)
+    metrics = train(config)
+    if is_main_process():
+        print(f"sft: done in {metrics['seconds']:.0f} s, final model in {metrics['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

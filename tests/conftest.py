@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny built-in dataset and a tiny model config, built once per session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parent.parent
+
+# Small enough for a training step in well under a second on 2 CPU cores.
+TINY_MODEL = [
+    "model.text_layers=1", "model.text_width=32", "model.text_heads=2", "model.vision_layers=1",
+    "model.vision_width=32", "model.vision_heads=2", "model.vocab_size=300",
+]
+TINY_DATA = ["data.synthetic.train_images=30", "data.synthetic.val_images=6", "data.synthetic.test_images=6"]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    from data_prep.synthetic import SyntheticConfig, generate
+
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    generate(SyntheticConfig(train_images=30, val_images=6, test_images=6, seed=0), out, progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(tiny_data_dir, tmp_path) -> list[str]:
+    """Overrides of configs/default.yaml for a run of a few tiny steps into tmp_path."""
+    return [
+        *TINY_MODEL, *TINY_DATA, f"data.dir={tiny_data_dir}", f"output_root={tmp_path}", "name=tiny",
+        "sft.steps=4", "sft.batch_size=4", "sft.save_steps=2", "sft.eval_steps=0", "sft.logging_steps=1",
+        "sft.warmup_steps=0", "eval.batch_size=8",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_data_dir):
+    from vlm.config import load_config
+    from vlm.model import build_processor
+    from stages.sft import corpus
+
+    config = load_config(REPO / "configs/default.yaml", [*TINY_MODEL, f"data.dir={tiny_data_dir}"])
+    return build_processor(config.model, corpus(config))
+
+
+@pytest.fixture
+def tiny_model(tiny_processor):
+    import torch
+
+    from vlm.config import load_config
+    from vlm.model import build_model
+
+    torch.manual_seed(0)
+    config = load_config(REPO / "configs/default.yaml", TINY_MODEL)
+    return build_model(config.model, tiny_processor)

@@ -1,0 +1,254 @@
+"""Run configuration: one YAML file of nested sections, plus `key=value` overrides.
+
+    ./launch.sh configs/default.yaml sft.lr=3e-4 eval.batch_size=64
+
+Every section is a dataclass, so a typo is an error that names the key and the
+closest valid ones instead of a silently ignored setting. The resolved config is
+saved next to every checkpoint (`training_config.yaml`), nanoGPT-style.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    # Where weights come from, in order of precedence:
+    #   checkpoint   a directory written by an earlier stage (save_pretrained)
+    #   text_model / vision_model   hub names or local dirs (e.g. gpt2, openai/clip-vit-base-patch32)
+    #   neither      tiny models built from the dimensions below (the CPU default)
+    checkpoint: str | None = None
+    text_model: str | None = None
+    vision_model: str | None = None
+    # Dimensions used when building from scratch.
+    text_layers: int = 4
+    text_width: int = 128
+    text_heads: int = 4
+    max_positions: int = 128
+    vocab_size: int = 512  # BPE vocabulary trained on the built-in corpus
+    vision_layers: int = 2
+    vision_width: int = 128
+    vision_heads: int = 4
+    image_size: int = 48
+    patch_size: int = 16
+    dropout: float = 0.0
+    # Which vision hidden state feeds the projector; LLaVA uses -2 with pretrained CLIP.
+    vision_feature_layer: int = -1
+    projector_act: str = "gelu"
+
+
+@dataclass
+class DataConfig:
+    # "synthetic": the built-in generator writes the dataset into `dir`;
+    # "disk": `dir` already holds a dataset in the project's schema (data_prep/README.md).
+    source: str = "synthetic"
+    dir: str | None = None  # default: <run dir>/data
+    synthetic: dict = field(default_factory=dict)  # data_prep.synthetic.SyntheticConfig fields
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    max_train_samples: int | None = None
+    # Prompt formats; {question} is filled in, the answer follows the prompt.
+    prompt_template: str = "USER: <image>\n{question}\nASSISTANT:"
+    answer_template: str = " {answer}"
+    caption_prompt: str = "Describe the image."
+    # Co-train on captions (dense supervision; LLaVA's alignment data): captions per VQA example.
+    caption_ratio: float = 0.25
+    max_length: int = 96
+    on_bad_record: str = "skip"  # skip (counted, written to rejects.jsonl) | error
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # GPT-2's attention and MLP projections; the multimodal projector is trained fully.
+    target_modules: list = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+    quantize_bits: int | None = None  # 4 or 8: QLoRA (bitsandbytes); needs pretrained weights
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3  # language model
+    lr_vision: float | None = None  # default: lr
+    lr_projector: float | None = None  # default: lr
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # any transformers SchedulerType
+    max_grad_norm: float = 1.0
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_language: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: str | None = None  # path to a DeepSpeed JSON config (configs/deepspeed/)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 25
+    eval_steps: int = 250  # held-out VQA accuracy during training (0: off)
+    eval_samples: int = 256
+    resume: bool = True  # continue from the newest complete checkpoint in the output dir
+    num_workers: int = 0
+
+
+@dataclass
+class DecodingConfig:
+    strategy: str = "greedy"  # greedy | sample | beam
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 3
+    max_new_tokens: int = 8
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 128
+    max_samples: int | None = None
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output_root: str = "runs"
+    seed: int = 0
+    stages: list = field(default_factory=lambda: ["prep", "sft", "eval"])
+    # Distributed launch of training stages: none | torchrun | deepspeed
+    launcher: str = "none"
+    nproc_per_node: int = 1
+    hostfile: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_root) / self.name
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else self.run_dir / "data"
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, where: str, valid: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{where}{key}'{hint}")
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{where.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types:
+            raise _unknown_key(key, where, list(types))
+        if dataclasses.is_dataclass(types[key]):
+            value = _build(types[key], value or {}, f"{where}{key}.")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "synthetic":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        config = _build(RunConfig, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
+    _check_choices(config)
+    return config
+
+
+def _check_choices(config: RunConfig) -> None:
+    choices = {
+        "data.source": (config.data.source, {"synthetic", "disk"}),
+        "data.on_bad_record": (config.data.on_bad_record, {"skip", "error"}),
+        "eval.decoding.strategy": (config.eval.decoding.strategy, {"greedy", "sample", "beam"}),
+        "launcher": (config.launcher, {"none", "torchrun", "deepspeed"}),
+        "sft.lora.quantize_bits": (config.sft.lora.quantize_bits, {None, 4, 8}),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' is {value!r}; allowed: {sorted(map(str, allowed))}")
+    unknown_stages = [s for s in config.stages if s not in STAGES]
+    if unknown_stages:
+        raise ConfigError(f"unknown stage(s) {unknown_stages}; stages are {list(STAGES)}")
+
+
+# The pipeline's stages in the order they run.
+STAGES = ("prep", "sft", "eval")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

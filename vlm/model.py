@@ -1,0 +1,199 @@
+"""The vision-language model: a stock `LlavaForConditionalGeneration` over CLIP + GPT-2.
+
+Three ways in (see `ModelConfig`): a checkpoint of ours, pretrained hub models,
+or tiny models built from config dimensions (the CPU default and the tests).
+Whatever the way in, the result saves with `save_pretrained` and loads with stock
+`transformers` (LlavaForConditionalGeneration + AutoProcessor), no code of ours.
+
+GPT-2 ties `lm_head` to `wte`; transformers' Llava ties `lm_head` to
+`language_model.embed_tokens`, which GPT2Model does not have. So the model is
+built untied and `wte` is copied into `lm_head` once: same start, separate weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import (
+    AutoProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    AutoTokenizer,
+)
+
+from vlm.config import ModelConfig
+
+IMAGE_TOKEN = "<image>"
+EOS_TOKEN = "<|endoftext|>"
+
+# One turn is "USER: <image>\n{question}\nASSISTANT: {answer}<eos>\n"; the VQA prompt
+# template in DataConfig is this template's single-turn rendering, so a stock
+# `processor.apply_chat_template` reproduces the training prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{{ '\\n' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}" + EOS_TOKEN + "{{ '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2TokenizerFast:
+    """Byte-level BPE (GPT-2's scheme) trained on the built-in corpus, with `<image>` added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN
+    )
+    return tokenizer
+
+
+def _finish_tokenizer(tokenizer) -> GPT2TokenizerFast:
+    """GPT-2 has no pad token: pad with EOS (collators keep the EOS that ends an answer)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_processor(config: ModelConfig, corpus: Iterable[str] | None = None) -> LlavaProcessor:
+    """Tokenizer with `<image>` + CLIP image processor + chat template."""
+    if config.text_model:
+        tokenizer = AutoTokenizer.from_pretrained(config.text_model)
+    else:
+        if corpus is None:
+            raise ValueError("building a tokenizer from scratch needs a text corpus")
+        tokenizer = train_tokenizer(corpus, config.vocab_size)
+    tokenizer = _finish_tokenizer(tokenizer)
+    if config.vision_model:
+        image_processor = CLIPImageProcessor.from_pretrained(config.vision_model)
+        patch_size = CLIPVisionConfig.from_pretrained(config.vision_model).patch_size
+    else:
+        size = config.image_size
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+        patch_size = config.patch_size
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="full",  # CLS + patches: 50 tokens for ViT-B/32 at 224 px
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def image_seq_length(vision_config: CLIPVisionConfig) -> int:
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
+
+def _llava_config(vision: CLIPVisionConfig, text: GPT2Config, tokenizer, config: ModelConfig) -> LlavaConfig:
+    text.tie_word_embeddings = False
+    text.vocab_size = len(tokenizer)
+    text.bos_token_id = text.eos_token_id = text.pad_token_id = tokenizer.eos_token_id
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=config.vision_feature_layer,
+        image_seq_length=image_seq_length(vision),
+        projector_hidden_act=config.projector_act,
+        tie_word_embeddings=False,
+    )
+
+
+def _generation_config(model: LlavaForConditionalGeneration, tokenizer) -> GenerationConfig:
+    # Saved with the model, so stock generate() never emits <image> either.
+    return GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        suppress_tokens=[model.config.image_token_index],
+        max_new_tokens=16,
+        do_sample=False,
+    )
+
+
+def build_model(config: ModelConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    """A fresh VLM: tiny from config dims, or pretrained CLIP + GPT-2 with a new projector."""
+    tokenizer = processor.tokenizer
+    if bool(config.text_model) != bool(config.vision_model):
+        raise ValueError("model.text_model and model.vision_model must be given together")
+    if config.text_model:
+        vision_model = CLIPVisionModel.from_pretrained(config.vision_model)
+        text_model = GPT2LMHeadModel.from_pretrained(config.text_model)
+        llava_config = _llava_config(vision_model.config, text_model.config, tokenizer, config)
+        model = LlavaForConditionalGeneration(llava_config)
+        model.model.vision_tower.load_state_dict(vision_model.state_dict())
+        old_vocab = text_model.config.vocab_size
+        text_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.model.language_model.load_state_dict(text_model.transformer.state_dict())
+        del vision_model, text_model
+        assert old_vocab <= len(tokenizer)
+    else:
+        vision = CLIPVisionConfig(
+            hidden_size=config.vision_width,
+            intermediate_size=4 * config.vision_width,
+            num_hidden_layers=config.vision_layers,
+            num_attention_heads=config.vision_heads,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            projection_dim=config.vision_width,
+            attention_dropout=config.dropout,
+        )
+        text = GPT2Config(
+            n_embd=config.text_width,
+            n_layer=config.text_layers,
+            n_head=config.text_heads,
+            n_positions=config.max_positions,
+            resid_pdrop=config.dropout,
+            embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout,
+        )
+        model = LlavaForConditionalGeneration(_llava_config(vision, text, tokenizer, config))
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.language_model.wte.weight)
+    model.generation_config = _generation_config(model, tokenizer)
+    return model
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, **kwargs):
+    """A saved VLM and its processor, through the stock classes only."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a saved model (no config.json)")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "right"
+    return model, processor
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
