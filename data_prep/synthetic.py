@@ -82,7 +82,7 @@ IMAGE_TOKEN = "<image>"
 
 # Bump when the generator's output changes for the same config, so that an
 # old dataset on disk is not silently reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # ---------------------------------------------------------------------------
 # Config
@@ -293,10 +293,13 @@ def location_phrase(row: int, col: int, grid: int) -> str:
 
 
 def caption_for(objects: Scene, grid: int) -> str:
-    """e.g. 'a red circle at the top left, a blue square in the middle and a
-    green triangle at the bottom right.' (objects in row-major order)."""
+    """e.g. 'at the top left a red circle, in the middle a blue square and at the
+    bottom right a green triangle.' (objects in row-major order).
+
+    Position first: every colour and shape word then follows the words that say
+    which image patch it describes, so each caption is dense, aligned supervision."""
     parts = [
-        f"{article(o.colour)} {o.colour} {o.shape} {location_phrase(o.row, o.col, grid)}"
+        f"{location_phrase(o.row, o.col, grid)} {article(o.colour)} {o.colour} {o.shape}"
         for o in objects
     ]
     if len(parts) == 1:
@@ -891,7 +894,7 @@ def corpus_texts(out_dir: str | Path, split: str = "train") -> Iterator[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry point; returns the exit status (0), as `vqa-rlhf synthetic` expects."""
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.synthetic",
+        prog="vqa-rlhf synthetic",
         description=(
             "Generate the deterministic synthetic VQA dataset (shapes on a grid): "
             "images, VQA records, captions and conversations, with train/val/test "

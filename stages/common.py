@@ -38,7 +38,7 @@ def config_from_args(args) -> RunConfig:
 
 def parse_stage_args(prog: str, doc: str, argv=None) -> RunConfig:
     parser = stage_parser(prog, doc)
-    return config_from_args(parser.parse_args(argv))
+    return config_from_args(parser.parse_intermixed_args(argv))
 
 
 def write_json(path: Path, data) -> None:

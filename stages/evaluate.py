@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser = stage_parser("eval", __doc__)
     parser.add_argument("--model", help="saved model dir (default: <run>/sft/final)")
     parser.add_argument("--tag", default=None, help="name of the output folder under <run>/eval (default: sft)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     config = config_from_args(args)
     model_dir = Path(args.model) if args.model else config.run_dir / "sft" / "final"
     tag = args.tag or (Path(args.model).name if args.model else "sft")

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="a few steps of each stage on a small slice, into <run>-smoke")
     parser.add_argument("--force", action="store_true", help="rerun stages that finished earlier")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     config_path, overrides = args.config, list(args.overrides)
     if "=" in config_path:
         overrides.insert(0, config_path)

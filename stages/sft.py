@@ -34,6 +34,7 @@ from vlm.model import build_model, build_processor, load_model, count_parameters
 from vlm.train import (
     VLMTrainer,
     apply_lora,
+    gathered_parameters,
     is_main_process,
     last_complete_checkpoint,
     part_learning_rates,
@@ -229,9 +230,10 @@ def train(config: RunConfig, callbacks=()) -> dict:
         "checkpoint": str(final_dir),
         "log_history": trainer.state.log_history,
     }
-    if trainer.is_world_process_zero():
-        save_final(trainer.model, processor, final_dir, to_dict(config))
-        write_json(work_dir / "metrics.json", metrics)
+    with gathered_parameters(trainer):  # ZeRO-3: every rank takes part in gathering the weights
+        if trainer.is_world_process_zero():
+            save_final(trainer.model, processor, final_dir, to_dict(config))
+            write_json(work_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -21,8 +21,8 @@ def test_overrides_are_parsed_as_yaml_scalars():
 
 
 def test_unknown_key_names_the_key_and_the_closest_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown config key 'sft\.learning_rat'.*did you mean"):
-        load_config(DEFAULT, ["sft.learning_rat=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'sft\.batch_szie'.*did you mean batch_size"):
+        load_config(DEFAULT, ["sft.batch_szie=1"])
     with pytest.raises(ConfigError, match=r"'sft\.lora\.rank'.*valid keys|'sft\.lora\.rank'.*did you mean"):
         load_config(DEFAULT, ["sft.lora.rank=8"])
 
@@ -39,5 +39,7 @@ def test_bad_choices_and_malformed_overrides_are_errors():
         load_config(DEFAULT, ["eval.decoding.strategy=nucleus"])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(DEFAULT, ["sft.lr"])
+    with pytest.raises(ConfigError, match=r"'sft\.steps' must be int, got 'many'"):
+        load_config(DEFAULT, ["sft.steps=many"])
     with pytest.raises(ConfigError, match="unknown stage"):
         load_config(DEFAULT, ["stages=[prep,dance]"])

@@ -221,7 +221,8 @@ def test_captions_mention_every_object(records):
             caption = r["caption"]
             position = 0
             for o in r["objects"]:  # row-major order, as described
-                phrase = f"{o['colour']} {o['shape']} {synthetic.location_phrase(o['row'], o['col'], TINY.grid)}"
+                where = synthetic.location_phrase(o["row"], o["col"], TINY.grid)
+                phrase = f"{where} {synthetic.article(o['colour'])} {o['colour']} {o['shape']}"
                 found = caption.find(phrase, position)
                 assert found >= 0, (phrase, caption)
                 position = found + len(phrase)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,26 @@ def _unknown_key(key: str, where: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{where}{key}'{hint}")
 
 
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """YAML reads `3e-4` as a string and `1` where a float is meant: convert by the field's type."""
+    allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"config key '{key}' cannot be null")
+    for kind in (bool, int, float, str, list, dict):
+        if kind in allowed:
+            if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                try:
+                    return float(value)
+                except ValueError:
+                    continue
+            if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+                return value
+    raise ConfigError(f"config key '{key}' must be {' or '.join(getattr(t, '__name__', str(t)) for t in allowed)}, "
+                      f"got {value!r}")
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"config section '{where.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
@@ -170,6 +191,8 @@ def _build(cls, values: dict, where: str):
             raise _unknown_key(key, where, list(types))
         if dataclasses.is_dataclass(types[key]):
             value = _build(types[key], value or {}, f"{where}{key}.")
+        else:
+            value = _coerce(value, types[key], f"{where}{key}")
         kwargs[key] = value
     return cls(**kwargs)
 

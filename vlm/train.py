@@ -3,6 +3,7 @@ rates, the HF Trainer set-up (DeepSpeed, checkpoints, resume) and the final save
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from vlm.config import TrainConfig
+
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
 # Parameter-name prefixes of the three parts of a LlavaForConditionalGeneration.
 VISION_PREFIX = "model.vision_tower."
@@ -34,7 +37,9 @@ def set_trainable(model: torch.nn.Module, config: TrainConfig) -> None:
         "language": config.freeze_language,
     }
     for name, param in model.named_parameters():
-        param.requires_grad_(not frozen[model_part(name)])
+        # Quantized (bitsandbytes int8 / packed 4-bit) weights cannot require gradients:
+        # under QLoRA only the adapters and modules_to_save train.
+        param.requires_grad_(not frozen[model_part(name)] and param.is_floating_point())
 
 
 def apply_lora(model, config: TrainConfig):
@@ -69,7 +74,10 @@ def quantization_config(bits: int | None):
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = ["multi_modal_projector", "lm_head", "vision_tower"]
+    # transformers 5 matches these from the start of a module's full name (or as its
+    # suffix), so the parts are named by their full paths: a bare "vision_tower" matched
+    # nothing and the projector and the vision tower were quantized too.
+    skip = ["model.multi_modal_projector", "model.vision_tower", "lm_head"]
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -108,6 +116,27 @@ class VLMTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Full-model weights of a checkpoint, loaded through `from_pretrained`.
+
+        `save_pretrained` writes Llava in its original key layout (`language_model.model.h.*`),
+        and the stock Trainer loads checkpoints by raw key names with strict=False: no key
+        matched, a warning was logged and a resumed run silently went on from freshly
+        initialised weights. `from_pretrained` maps the keys; strict loading makes any
+        mismatch an error. PEFT adapters and DeepSpeed checkpoints keep the stock path."""
+        from peft import PeftModel
+
+        model = self.model if model is None else model
+        checkpoint = Path(resume_from_checkpoint)
+        full_weights = (checkpoint / "model.safetensors").is_file() or (
+            checkpoint / "model.safetensors.index.json"
+        ).is_file()
+        if isinstance(model, PeftModel) or self.is_deepspeed_enabled or self.is_fsdp_enabled or not full_weights:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(str(checkpoint), dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        del saved
 
 
 def part_learning_rates(config: TrainConfig) -> dict[str, float]:
@@ -148,8 +177,10 @@ def training_arguments(config: TrainConfig, output_dir: Path, seed: int, **overr
     if config.gradient_checkpointing:
         kwargs["activation_checkpointing"] = True
     kwargs.update(overrides)
-    # transformers 5 takes the TensorBoard dir from the environment only.
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(output_dir).parent / "tensorboard"))
+    # transformers 5 takes the TensorBoard dir from the environment only. A dir the user set
+    # wins; otherwise each run logs next to its own output (a setdefault would send every later
+    # run in the same process to the first run's dir).
+    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(output_dir).parent / "tensorboard")
     return TrainingArguments(**kwargs)
 
 
@@ -169,6 +200,20 @@ def last_complete_checkpoint(output_dir: Path) -> str | None:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def gathered_parameters(trainer):
+    """A context in which a ZeRO-3 model's weights are whole on every rank; elsewhere a no-op.
+
+    ZeRO-3 leaves each rank an empty placeholder per weight (its slice lives in the
+    DeepSpeed engine), so saving `trainer.model` as is writes 0-element tensors. Gathering
+    is a collective: every rank must enter the context, and only rank 0 then saves."""
+    params = [p for p in trainer.model.parameters() if hasattr(p, "ds_id")]
+    if not (trainer.is_deepspeed_enabled and params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def save_final(model, processor, out_dir: Path, run_config: dict) -> Path:

@@ -605,7 +605,7 @@ examples:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vlm.vqa_metric", description=_DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf score", description=_DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     score = commands.add_parser("score", help="score predictions and print VQA accuracy",

@@ -1,0 +1,53 @@
+"""launch.sh end to end (--smoke), the report it writes, and the CLI's help."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, TINY_MODEL
+
+
+def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path):
+    command = [str(REPO / "launch.sh"), "configs/default.yaml", "--smoke", *TINY_MODEL,
+               f"output_root={tmp_path}", "name=pipe"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "pipe-smoke"
+    report = json.loads((run_dir / "report.json").read_text())
+    sft = report["stages"]["sft"]
+    assert 0 <= sft["vqa_accuracy"] <= 100
+    assert set(sft["by_answer_type"]) == {"yes/no", "number", "other"}
+    assert sft["seconds"] > 0 and (run_dir / "sft" / "final" / "model.safetensors").is_file()
+    assert sft["checkpoint"] == str(run_dir / "sft" / "final")
+    assert 0 <= report["baselines"]["majority_answer"] <= 100
+    assert (run_dir / "report.md").read_text().startswith("# Run report")
+    assert (run_dir / "report.png").stat().st_size > 1000
+    assert "baseline: majority_answer" in result.stdout  # the closing table
+    results = json.loads((run_dir / "eval" / "sft" / "results.json").read_text())
+    assert results and set(results[0]) == {"question_id", "answer"}  # official results format
+
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0
+    assert again.stdout.count("done earlier with this config, skipping") == 3
+
+
+def test_a_typo_in_an_override_stops_before_any_stage_runs(tmp_path):
+    result = subprocess.run([str(REPO / "launch.sh"), "sft.stpes=3", f"output_root={tmp_path}"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0
+    assert "unknown config key 'sft.stpes'; did you mean steps" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("subcommand", ["run", "prep", "synthetic", "sft", "eval", "score", "report", "bench"])
+def test_every_subcommand_explains_itself(subcommand):
+    result = subprocess.run([sys.executable, "-m", "stages.cli", subcommand, "--help"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "usage: vqa-rlhf " + subcommand in result.stdout
+
+
+def test_unknown_subcommand_lists_the_real_ones():
+    result = subprocess.run([sys.executable, "-m", "stages.cli", "trian"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "sft" in result.stderr
