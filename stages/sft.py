@@ -150,7 +150,8 @@ class HeldOutAccuracy(TrainerCallback):
         # Resumed runs continue the clock where the checkpoint's step left it.
         if self.log_path.exists():
             entries = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
-            entries = [e for e in entries if e["step"] <= state.global_step]
+            # A fresh start drops an old curve; a resumed run keeps what led up to its checkpoint.
+            entries = [e for e in entries if e["step"] <= state.global_step] if state.global_step else []
             if is_main_process():
                 self.log_path.write_text("".join(json.dumps(e) + "\n" for e in entries))
             self.train_seconds = entries[-1]["train_seconds"] if entries else 0.0

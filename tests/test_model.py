@@ -71,3 +71,38 @@ def test_chat_template_renders_the_training_prompt(tiny_processor):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]}]
     rendered = tiny_processor.apply_chat_template(messages, add_generation_prompt=True)
     assert rendered == vqa_prompt(DataConfig().prompt_template, "What color is the circle?")
+
+
+def test_pretrained_parts_load_from_local_dirs_and_keep_their_weights(tmp_path):
+    """The real-config path (model.text_model / model.vision_model), on local tiny copies."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
+                              GPT2LMHeadModel)
+
+    from vlm.config import ModelConfig
+    from vlm.model import build_model, build_processor
+
+    torch.manual_seed(0)
+    from vlm.model import train_tokenizer
+
+    tokenizer = train_tokenizer(["what color is the circle? red blue"] * 10, 290)
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tokenizer), n_positions=64))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=32, patch_size=16))
+    clip.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip")
+
+    config = ModelConfig(text_model=str(tmp_path / "gpt2"), vision_model=str(tmp_path / "clip"),
+                         vision_feature_layer=-2)
+    processor = build_processor(config)
+    model = build_model(config, processor)
+    assert model.config.image_seq_length == (32 // 16) ** 2 + 1
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_index
+    assert all(torch.equal(a, b) for a, b in zip(model.model.vision_tower.state_dict().values(),
+                                                  clip.state_dict().values()))
+    old_vocab = gpt2.config.vocab_size
+    assert torch.equal(model.model.language_model.h[0].attn.c_attn.weight, gpt2.transformer.h[0].attn.c_attn.weight)
+    assert torch.equal(model.lm_head.weight[:old_vocab], gpt2.lm_head.weight[:old_vocab])
+    assert model.lm_head.weight.shape[0] == len(processor.tokenizer)

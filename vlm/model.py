@@ -115,7 +115,7 @@ def image_seq_length(vision_config: CLIPVisionConfig) -> int:
 
 def _llava_config(vision: CLIPVisionConfig, text: GPT2Config, tokenizer, config: ModelConfig) -> LlavaConfig:
     text.tie_word_embeddings = False
-    text.vocab_size = len(tokenizer)
+    text.vocab_size = max(len(tokenizer), text.vocab_size)
     text.bos_token_id = text.eos_token_id = text.pad_token_id = tokenizer.eos_token_id
     return LlavaConfig(
         vision_config=vision,
@@ -152,11 +152,11 @@ def build_model(config: ModelConfig, processor: LlavaProcessor) -> LlavaForCondi
         llava_config = _llava_config(vision_model.config, text_model.config, tokenizer, config)
         model = LlavaForConditionalGeneration(llava_config)
         model.model.vision_tower.load_state_dict(vision_model.state_dict())
-        old_vocab = text_model.config.vocab_size
-        text_model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        # New rows (for <image>) start at the mean embedding; a vocabulary padded beyond
+        # the tokenizer keeps its size.
+        text_model.resize_token_embeddings(max(len(tokenizer), text_model.config.vocab_size), mean_resizing=True)
         model.model.language_model.load_state_dict(text_model.transformer.state_dict())
         del vision_model, text_model
-        assert old_vocab <= len(tokenizer)
     else:
         vision = CLIPVisionConfig(
             hidden_size=config.vision_width,
@@ -173,6 +173,7 @@ def build_model(config: ModelConfig, processor: LlavaProcessor) -> LlavaForCondi
             n_layer=config.text_layers,
             n_head=config.text_heads,
             n_positions=config.max_positions,
+            vocab_size=len(tokenizer),
             resid_pdrop=config.dropout,
             embd_pdrop=config.dropout,
             attn_pdrop=config.dropout,
