@@ -112,16 +112,13 @@ def setup_data(config: RunConfig, processor, model_config, work_dir: Path):
     if data.max_train_samples:
         vqa_train = vqa_train.select(range(min(data.max_train_samples, len(vqa_train))))
     source = str(config.data_dir / "vqa" / data.train_split)
-    items = list(vqa_items(vqa_train, data.prompt_template, data.answer_template, source, rejects))
+    items = list(vqa_items(vqa_train, data, source, rejects))
     if data.caption_ratio > 0 and (config.data_dir / "captions").exists():
         captions = load_split(config.data_dir, "captions", data.train_split)
-        count = int(len(items) * data.caption_ratio)
+        count = int(len(vqa_train) * data.caption_ratio)
         rng = random.Random(config.seed)
         picks = [rng.randrange(len(captions)) for _ in range(count)]
-        items += list(caption_items(
-            captions.select(picks), data.prompt_template, data.caption_prompt, data.answer_template,
-            str(config.data_dir / "captions" / data.train_split),
-        ))
+        items += list(caption_items(captions.select(picks), data, str(config.data_dir / "captions" / data.train_split)))
     dataset = SupervisedDataset(
         items, processor.tokenizer, images, model_config.image_seq_length, data.max_length, rejects
     )

@@ -67,3 +67,32 @@ def test_collator_masks_padding_but_keeps_the_answer_eos(tiny_processor):
 
 def test_expand_image_tokens_leaves_other_tokens_alone():
     assert expand_image_tokens([1, 9, 2], image_token_id=9, image_seq_length=3) == [1, 9, 9, 9, 2]
+
+
+def test_packed_questions_are_one_conversation_that_matches_the_chat_template(tiny_processor):
+    from vlm.config import DataConfig
+    from vlm.data import RejectLog, encode_turns, vqa_items
+
+    data = DataConfig(questions_per_example=2)
+    records = [
+        {"id": f"q{i}", "image": "img.png", "question": q, "answers": [a] * 10, "multiple_choice_answer": a}
+        for i, (q, a) in enumerate([("What color is the circle?", "red"), ("How many squares are there?", "2"),
+                                    ("Is there a blue square?", "no")])
+    ]
+    items = list(vqa_items(records, data, "test", RejectLog(None, "error")))
+    assert [(i[0], len(i[3])) for i in items] == [("q0+q1", 2), ("q2", 1)]  # grouped per image, 2 per example
+
+    tok = tiny_processor.tokenizer
+    encoded = encode_turns(tok, items[0][3], 10, 200)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the circle?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": [{"type": "text", "text": "How many squares are there?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "2"}]},
+    ]
+    rendered = tiny_processor.apply_chat_template(messages).removesuffix("\n")
+    stock = expand_image_tokens(tok(rendered, add_special_tokens=False)["input_ids"],
+                                tok.convert_tokens_to_ids("<image>"), 10)
+    assert encoded.input_ids == stock
+    supervised = [t for t in encoded.labels if t != IGNORE_INDEX]
+    assert tok.decode(supervised) == " red<|endoftext|> 2<|endoftext|>"

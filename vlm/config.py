@@ -63,9 +63,13 @@ class DataConfig:
     # Prompt formats; {question} is filled in, the answer follows the prompt.
     prompt_template: str = "USER: <image>\n{question}\nASSISTANT:"
     answer_template: str = " {answer}"
+    followup_template: str = "\nUSER: {question}\nASSISTANT:"  # later turns of a conversation
+    # VQA questions about one image packed into one multi-turn example (LLaVA-1.5 does
+    # this for VQA v2): the image is encoded once for several supervised answers.
+    questions_per_example: int = 1
     caption_prompt: str = "Describe the image."
-    # Co-train on captions (dense supervision; LLaVA's alignment data): captions per VQA example.
-    caption_ratio: float = 0.25
+    # Co-train on captions (dense supervision; LLaVA's alignment data).
+    caption_ratio: float = 0.25  # caption examples per VQA question
     max_length: int = 96
     on_bad_record: str = "skip"  # skip (counted, written to rejects.jsonl) | error
 

@@ -39,23 +39,40 @@ def encode_example(
     tokenizer, prompt: str, answer: str | None, image_seq_length: int, max_length: int
 ) -> EncodedExample:
     """Prompt span (masked) + answer span + EOS (supervised). `answer=None`: prompt only."""
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    prompt_ids = expand_image_tokens(
-        tokenizer(prompt, add_special_tokens=False)["input_ids"], image_token_id, image_seq_length
-    )
     if answer is None:
-        answer_ids = []
-    else:
+        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+        ids = expand_image_tokens(
+            tokenizer(prompt, add_special_tokens=False)["input_ids"], image_token_id, image_seq_length
+        )
+        if len(ids) > max_length:
+            raise PromptTooLong(f"prompt is {len(ids)} tokens, longer than data.max_length={max_length}")
+        return EncodedExample(ids, [IGNORE_INDEX] * len(ids))
+    return encode_turns(tokenizer, [(prompt, answer)], image_seq_length, max_length)
+
+
+def encode_turns(
+    tokenizer, turns: list[tuple[str, str]], image_seq_length: int, max_length: int
+) -> EncodedExample:
+    """A conversation, span by span: each prompt masked, each answer + its EOS supervised.
+
+    Turn k's prompt is the text between answer k-1's EOS and answer k (for k > 1 the
+    chat template's "\nUSER: ...\nASSISTANT:"), so the ids equal the rendered template's."""
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for prompt, answer in turns:
+        prompt_ids = expand_image_tokens(
+            tokenizer(prompt, add_special_tokens=False)["input_ids"], image_token_id, image_seq_length
+        )
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(answer_ids) < 2:
             raise ValueError(f"empty answer {answer!r}: an example needs at least one supervised token")
-    input_ids = prompt_ids + answer_ids
+        input_ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     if len(input_ids) > max_length:
         raise PromptTooLong(
-            f"example is {len(input_ids)} tokens (prompt {len(prompt_ids)}, answer {len(answer_ids)}), "
-            f"longer than data.max_length={max_length}"
+            f"example is {len(input_ids)} tokens ({len(turns)} turn(s)), longer than data.max_length={max_length}"
         )
-    labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     return EncodedExample(input_ids, labels)
 
 
@@ -132,7 +149,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        items: Iterable[tuple[str, str, str, str, str]],  # (record id, source, image, prompt, answer)
+        items: Iterable[tuple[str, str, str, list[tuple[str, str]]]],  # (record id, source, image, turns)
         tokenizer,
         images: ImageCache,
         image_seq_length: int,
@@ -141,9 +158,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
     ):
         self.examples: list[tuple[EncodedExample, str]] = []
         self.images = images
-        for record_id, source, image, prompt, answer in items:
+        for record_id, source, image, turns in items:
             try:
-                encoded = encode_example(tokenizer, prompt, answer, image_seq_length, max_length)
+                encoded = encode_turns(tokenizer, turns, image_seq_length, max_length)
                 images(image)  # decode now: a bad image is found before training starts
             except (ValueError, FileNotFoundError) as exc:
                 rejects.reject(record_id, source, str(exc))
@@ -191,31 +208,37 @@ def vqa_prompt(template: str, question: str) -> str:
     return template.format(question=question.strip())
 
 
-def vqa_items(records, prompt_template: str, answer_template: str, source: str, rejects: RejectLog):
-    """Training triples from VQA records; the target is `multiple_choice_answer`."""
+def vqa_items(records, data, source: str, rejects: RejectLog):
+    """Training conversations from VQA records; the target is `multiple_choice_answer`.
+
+    `data.questions_per_example` questions about one image share one example, as
+    LLaVA-1.5 packs VQA v2: the image is encoded once for several supervised answers."""
+    by_image: dict[str, list[dict]] = {}
     for record in records:
         problem = check_vqa_record(record)
         if problem:
             rejects.reject(record.get("id"), source, problem)
             continue
-        yield (
-            record["id"],
-            source,
-            record["image"],
-            vqa_prompt(prompt_template, record["question"]),
-            answer_template.format(answer=record["multiple_choice_answer"].strip()),
-        )
+        by_image.setdefault(record["image"], []).append(record)
+    per_example = max(1, data.questions_per_example)
+    for image, image_records in by_image.items():
+        for start in range(0, len(image_records), per_example):
+            group = image_records[start:start + per_example]
+            turns = [
+                (
+                    vqa_prompt(data.prompt_template if i == 0 else data.followup_template, r["question"]),
+                    data.answer_template.format(answer=r["multiple_choice_answer"].strip()),
+                )
+                for i, r in enumerate(group)
+            ]
+            yield "+".join(r["id"] for r in group), source, image, turns
 
 
-def caption_items(records, prompt_template: str, caption_prompt: str, answer_template: str, source: str):
+def caption_items(records, data, source: str):
     for record in records:
-        yield (
-            record["id"],
-            source,
-            record["image"],
-            vqa_prompt(prompt_template, caption_prompt),
-            answer_template.format(answer=record["caption"].strip()),
-        )
+        turns = [(vqa_prompt(data.prompt_template, data.caption_prompt),
+                  data.answer_template.format(answer=record["caption"].strip()))]
+        yield record["id"], source, record["image"], turns
 
 
 def load_split(dataset_dir: Path, kind: str, split: str):
