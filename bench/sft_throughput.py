@@ -32,8 +32,9 @@ class BenchModel:
 
 
 MODELS = {
-    # The built-in default (configs/default.yaml): 48 px / 16 px patches -> 10 image tokens.
-    "default": BenchModel("default", ModelConfig(), vocab_size=512, batch_size=64, text_tokens=16),
+    # The built-in default (configs/default.yaml): 48 px / 16 px patches -> 10 image tokens,
+    # batch 32 of examples averaging ~48 text tokens (4 packed questions or a caption).
+    "default": BenchModel("default", ModelConfig(), vocab_size=512, batch_size=32, text_tokens=48),
     # GPT-2 124M + CLIP ViT-B/32 at 224 px (50 image tokens), shapes only: built from configs.
     "gpt2-124m": BenchModel(
         "gpt2-124m (ViT-B/32)",

@@ -97,6 +97,9 @@ CONFIG_HELP = {
     "val_images": "number of val images",
     "test_images": "number of test images",
     "seed": "seed for all randomness; same seed -> identical dataset",
+    "min_object_scale": "smallest object size as a fraction of its cell",
+    "max_object_scale": "largest object size as a fraction of its cell",
+    "position_jitter": "share of a cell's free space an object may move in (0: centred, 1: anywhere)",
 }
 
 
@@ -110,6 +113,11 @@ class SyntheticConfig:
     val_images: int = 300
     test_images: int = 600
     seed: int = 0
+    # Object size as a fraction of its cell, and how much of the cell's free space
+    # the object may wander in (0: centred in its cell, 1: anywhere inside it).
+    min_object_scale: float = 0.6
+    max_object_scale: float = 0.9
+    position_jitter: float = 1.0
 
     def __post_init__(self) -> None:
         if self.grid not in COLUMN_WORDS_BY_GRID:
@@ -132,6 +140,11 @@ class SyntheticConfig:
         for split in SPLITS:
             if self.images(split) < 0:
                 raise ValueError(f"{split}_images must be >= 0")
+        if not 0.2 <= self.min_object_scale <= self.max_object_scale <= 1.0:
+            raise ValueError("need 0.2 <= min_object_scale <= max_object_scale <= 1.0, got "
+                             f"{self.min_object_scale}, {self.max_object_scale}")
+        if not 0.0 <= self.position_jitter <= 1.0:
+            raise ValueError(f"position_jitter must be in [0, 1], got {self.position_jitter}")
 
     def images(self, split: str) -> int:
         return getattr(self, f"{split}_images")
@@ -185,11 +198,13 @@ def sample_scene(config: SyntheticConfig, rng: random.Random, object_count: int)
         row, col = divmod(cell_index, config.grid)
         shape = rng.choice(SHAPES)
         colour = rng.choice(COLOURS)
-        size = round(cell * rng.uniform(0.6, 0.9))
+        size = round(cell * rng.uniform(config.min_object_scale, config.max_object_scale))
         # The offset keeps the whole object inside its cell: a patch never
         # sees a piece of a neighbour's object.
-        x0 = col * cell + rng.randint(0, cell - size)
-        y0 = row * cell + rng.randint(0, cell - size)
+        free = cell - size
+        low = round(free * (1 - config.position_jitter) / 2)
+        x0 = col * cell + rng.randint(low, free - low)
+        y0 = row * cell + rng.randint(low, free - low)
         rgb = tuple(
             min(255, max(0, channel + rng.randint(-COLOUR_JITTER, COLOUR_JITTER)))
             for channel in COLOUR_RGB[colour]
@@ -914,8 +929,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             dest=field.name,
-            type=int,
-            metavar="N",
+            type=type(field.default),
+            metavar="X" if isinstance(field.default, float) else "N",
             default=field.default,
             help=CONFIG_HELP[field.name],
         )
