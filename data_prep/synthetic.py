@@ -202,7 +202,7 @@ def sample_scene(config: SyntheticConfig, rng: random.Random, object_count: int)
         # The offset keeps the whole object inside its cell: a patch never
         # sees a piece of a neighbour's object.
         free = cell - size
-        low = round(free * (1 - config.position_jitter) / 2)
+        low = int(free * (1 - config.position_jitter) / 2)
         x0 = col * cell + rng.randint(low, free - low)
         y0 = row * cell + rng.randint(low, free - low)
         rgb = tuple(

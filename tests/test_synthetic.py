@@ -295,6 +295,7 @@ def test_counts_and_meta(dataset_dir, records):
     assert meta["config"] == {
         "image_size": 48, "grid": 3, "max_objects": 4, "questions_per_image": 4,
         "train_images": 60, "val_images": 15, "test_images": 15, "seed": 3,
+        "min_object_scale": 0.6, "max_object_scale": 0.9, "position_jitter": 1.0,
     }
     for split in SPLITS:
         vqa = records["vqa"][split]
@@ -331,3 +332,17 @@ def test_two_by_two_grid(tmp_path):
     vqa = load_from_disk(str(tmp_path / "g2" / "vqa"))["train"]
     sides = {r["multiple_choice_answer"] for r in vqa if r["question_family"] == "position"}
     assert sides <= {"left", "right"}
+
+
+def test_position_jitter_zero_centres_every_object_in_its_cell(tmp_path):
+    config = SyntheticConfig(train_images=20, val_images=2, test_images=2, seed=1, position_jitter=0.0)
+    synthetic.generate(config, tmp_path / "centred", progress=False)
+    from datasets import load_from_disk
+
+    cell = config.cell_size
+    for record in load_from_disk(str(tmp_path / "centred" / "captions"))["train"]:
+        for o in record["objects"]:
+            x0, y0, x1, y1 = o["bbox"]
+            size = x1 - x0 + 1
+            assert abs((x0 - o["col"] * cell) - (cell - size) / 2) <= 0.5
+            assert abs((y0 - o["row"] * cell) - (cell - size) / 2) <= 0.5
