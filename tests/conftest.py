@@ -33,6 +33,7 @@ def tiny_overrides(tiny_data_dir, tmp_path) -> list[str]:
         *TINY_MODEL, *TINY_DATA, f"data.dir={tiny_data_dir}", f"output_root={tmp_path}", "name=tiny",
         "sft.steps=4", "sft.batch_size=4", "sft.save_steps=2", "sft.eval_steps=0", "sft.logging_steps=1",
         "sft.warmup_steps=0", "eval.batch_size=8",
+        "data.questions_per_example=1",  # one example per record: the tests count examples and epochs
     ]
 
 
