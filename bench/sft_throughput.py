@@ -59,19 +59,14 @@ def matmul_peak_flops(size: int = 2048, seconds: float = 2.0) -> float:
 
 
 def build(bench: BenchModel):
-    from transformers import CLIPVisionConfig, GPT2Config, LlavaConfig, LlavaForConditionalGeneration
+    """The model as vlm.model builds it from scratch, with a vocabulary of the bench's size."""
+    from transformers import LlavaForConditionalGeneration
 
-    cfg = bench.model
-    vision = CLIPVisionConfig(hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width,
-                              num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-                              image_size=cfg.image_size, patch_size=cfg.patch_size)
-    text = GPT2Config(n_embd=cfg.text_width, n_layer=cfg.text_layers, n_head=cfg.text_heads,
-                      n_positions=cfg.max_positions, vocab_size=bench.vocab_size, tie_word_embeddings=False,
-                      bos_token_id=0, eos_token_id=0)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=bench.vocab_size - 1,
-                         vision_feature_select_strategy="full", vision_feature_layer=cfg.vision_feature_layer,
-                         image_seq_length=(cfg.image_size // cfg.patch_size) ** 2 + 1, tie_word_embeddings=False)
-    return LlavaForConditionalGeneration(config)
+    from vlm.model import llava_config, scratch_configs
+
+    vision, text = scratch_configs(bench.model, bench.vocab_size)
+    return LlavaForConditionalGeneration(llava_config(
+        vision, text, bench.vocab_size, image_token_id=bench.vocab_size - 1, eos_token_id=0, config=bench.model))
 
 
 def batch_for(model, bench: BenchModel) -> dict:

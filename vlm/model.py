@@ -113,20 +113,46 @@ def image_seq_length(vision_config: CLIPVisionConfig) -> int:
     return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
 
 
-def _llava_config(vision: CLIPVisionConfig, text: GPT2Config, tokenizer, config: ModelConfig) -> LlavaConfig:
+def llava_config(vision: CLIPVisionConfig, text: GPT2Config, vocab_size: int, image_token_id: int,
+                 eos_token_id: int, config: ModelConfig) -> LlavaConfig:
     text.tie_word_embeddings = False
-    text.vocab_size = max(len(tokenizer), text.vocab_size)
-    text.bos_token_id = text.eos_token_id = text.pad_token_id = tokenizer.eos_token_id
+    text.vocab_size = max(vocab_size, text.vocab_size)
+    text.bos_token_id = text.eos_token_id = text.pad_token_id = eos_token_id
     return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_index=image_token_id,
         vision_feature_select_strategy="full",
         vision_feature_layer=config.vision_feature_layer,
         image_seq_length=image_seq_length(vision),
         projector_hidden_act=config.projector_act,
         tie_word_embeddings=False,
     )
+
+
+def scratch_configs(config: ModelConfig, vocab_size: int) -> tuple[CLIPVisionConfig, GPT2Config]:
+    """Vision and text configs of a model built from the config's dimensions."""
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_width,
+        intermediate_size=4 * config.vision_width,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        projection_dim=config.vision_width,
+        attention_dropout=config.dropout,
+    )
+    text = GPT2Config(
+        n_embd=config.text_width,
+        n_layer=config.text_layers,
+        n_head=config.text_heads,
+        n_positions=config.max_positions,
+        vocab_size=vocab_size,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+    )
+    return vision, text
 
 
 def _generation_config(model: LlavaForConditionalGeneration, tokenizer) -> GenerationConfig:
@@ -144,13 +170,14 @@ def _generation_config(model: LlavaForConditionalGeneration, tokenizer) -> Gener
 def build_model(config: ModelConfig, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
     """A fresh VLM: tiny from config dims, or pretrained CLIP + GPT-2 with a new projector."""
     tokenizer = processor.tokenizer
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if bool(config.text_model) != bool(config.vision_model):
         raise ValueError("model.text_model and model.vision_model must be given together")
     if config.text_model:
         vision_model = CLIPVisionModel.from_pretrained(config.vision_model)
         text_model = GPT2LMHeadModel.from_pretrained(config.text_model)
-        llava_config = _llava_config(vision_model.config, text_model.config, tokenizer, config)
-        model = LlavaForConditionalGeneration(llava_config)
+        model = LlavaForConditionalGeneration(llava_config(
+            vision_model.config, text_model.config, len(tokenizer), image_token_id, tokenizer.eos_token_id, config))
         model.model.vision_tower.load_state_dict(vision_model.state_dict())
         # New rows (for <image>) start at the mean embedding; a vocabulary padded beyond
         # the tokenizer keeps its size.
@@ -158,27 +185,9 @@ def build_model(config: ModelConfig, processor: LlavaProcessor) -> LlavaForCondi
         model.model.language_model.load_state_dict(text_model.transformer.state_dict())
         del vision_model, text_model
     else:
-        vision = CLIPVisionConfig(
-            hidden_size=config.vision_width,
-            intermediate_size=4 * config.vision_width,
-            num_hidden_layers=config.vision_layers,
-            num_attention_heads=config.vision_heads,
-            image_size=config.image_size,
-            patch_size=config.patch_size,
-            projection_dim=config.vision_width,
-            attention_dropout=config.dropout,
-        )
-        text = GPT2Config(
-            n_embd=config.text_width,
-            n_layer=config.text_layers,
-            n_head=config.text_heads,
-            n_positions=config.max_positions,
-            vocab_size=len(tokenizer),
-            resid_pdrop=config.dropout,
-            embd_pdrop=config.dropout,
-            attn_pdrop=config.dropout,
-        )
-        model = LlavaForConditionalGeneration(_llava_config(vision, text, tokenizer, config))
+        vision, text = scratch_configs(config, len(tokenizer))
+        model = LlavaForConditionalGeneration(llava_config(
+            vision, text, len(tokenizer), image_token_id, tokenizer.eos_token_id, config))
     with torch.no_grad():
         model.lm_head.weight.copy_(model.model.language_model.wte.weight)
     model.generation_config = _generation_config(model, tokenizer)
