@@ -25,11 +25,16 @@ def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args) -> RunConfig:
+def config_path_and_overrides(args) -> tuple[str, list[str]]:
+    """`vqa-rlhf sft key=value` means the default config with that override."""
     config_path, overrides = args.config, list(args.overrides)
-    if "=" in config_path:  # `vqa-rlhf sft key=value` with the default config
-        overrides.insert(0, config_path)
-        config_path = str(DEFAULT_CONFIG)
+    if "=" in config_path:
+        return str(DEFAULT_CONFIG), [config_path, *overrides]
+    return config_path, overrides
+
+
+def config_from_args(args) -> RunConfig:
+    config_path, overrides = config_path_and_overrides(args)
     try:
         return load_config(config_path, overrides)
     except ConfigError as exc:

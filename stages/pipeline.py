@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from vlm.config import STAGES, ConfigError, RunConfig, load_config, to_dict
-from stages.common import DEFAULT_CONFIG, write_json
+from stages.common import DEFAULT_CONFIG, config_path_and_overrides, write_json
 from stages.report import build_report, print_table
 
 STAGE_MODULES = {"prep": "stages.prep", "sft": "stages.sft", "eval": "stages.evaluate"}
@@ -57,8 +57,8 @@ def config_fingerprint(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run(config_path: str, stages: list[str], overrides: list[str], force: bool) -> int:
-    config = load_config(config_path, overrides)
+def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[str], force: bool) -> int:
+    """`config` is `config_path` with `overrides` applied; the stage processes get the path and overrides."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = config_fingerprint(config)
@@ -93,10 +93,7 @@ def main(argv=None) -> int:
                         help="a few steps of each stage on a small slice, into <run>-smoke")
     parser.add_argument("--force", action="store_true", help="rerun stages that finished earlier")
     args = parser.parse_intermixed_args(argv)
-    config_path, overrides = args.config, list(args.overrides)
-    if "=" in config_path:
-        overrides.insert(0, config_path)
-        config_path = str(DEFAULT_CONFIG)
+    config_path, overrides = config_path_and_overrides(args)
     try:
         config = load_config(config_path, overrides)
         if args.smoke:
@@ -114,7 +111,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run(config_path, stages, overrides, args.force)
+    return run(config, config_path, stages, overrides, args.force)
 
 
 if __name__ == "__main__":

@@ -35,15 +35,18 @@ def expand_image_tokens(ids: list[int], image_token_id: int, image_seq_length: i
     return out
 
 
+def prompt_ids(tokenizer, prompt: str, image_seq_length: int) -> list[int]:
+    """A prompt's token ids with its `<image>` placeholder expanded."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return expand_image_tokens(ids, tokenizer.convert_tokens_to_ids("<image>"), image_seq_length)
+
+
 def encode_example(
     tokenizer, prompt: str, answer: str | None, image_seq_length: int, max_length: int
 ) -> EncodedExample:
     """Prompt span (masked) + answer span + EOS (supervised). `answer=None`: prompt only."""
     if answer is None:
-        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-        ids = expand_image_tokens(
-            tokenizer(prompt, add_special_tokens=False)["input_ids"], image_token_id, image_seq_length
-        )
+        ids = prompt_ids(tokenizer, prompt, image_seq_length)
         if len(ids) > max_length:
             raise PromptTooLong(f"prompt is {len(ids)} tokens, longer than data.max_length={max_length}")
         return EncodedExample(ids, [IGNORE_INDEX] * len(ids))
@@ -57,18 +60,15 @@ def encode_turns(
 
     Turn k's prompt is the text between answer k-1's EOS and answer k (for k > 1 the
     chat template's "\nUSER: ...\nASSISTANT:"), so the ids equal the rendered template's."""
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     input_ids: list[int] = []
     labels: list[int] = []
     for prompt, answer in turns:
-        prompt_ids = expand_image_tokens(
-            tokenizer(prompt, add_special_tokens=False)["input_ids"], image_token_id, image_seq_length
-        )
+        prompt_span = prompt_ids(tokenizer, prompt, image_seq_length)
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(answer_ids) < 2:
             raise ValueError(f"empty answer {answer!r}: an example needs at least one supervised token")
-        input_ids += prompt_ids + answer_ids
-        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        input_ids += prompt_span + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_span) + answer_ids
     if len(input_ids) > max_length:
         raise PromptTooLong(
             f"example is {len(input_ids)} tokens ({len(turns)} turn(s)), longer than data.max_length={max_length}"

@@ -445,17 +445,21 @@ def _object_list(data: Any, key: str | None, path: str) -> list:
     return container
 
 
+def _official_record_id(record: Any, where: str) -> tuple[QuestionId, str]:
+    """The question id of an official-format record, and `where` extended to name it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {_describe(record)}")
+    if "question_id" not in record:
+        raise ValueError(f"{where}: missing field 'question_id'")
+    qid = _check_question_id(record["question_id"], where)
+    return qid, f"{where} (question_id {qid!r})"
+
+
 def _read_annotations(path: str) -> dict[QuestionId, dict]:
     """Annotated questions by id, in file order, each as a partial record."""
     annotated: dict[QuestionId, dict] = {}
     for number, ann in enumerate(_object_list(_load_json(path), "annotations", path), 1):
-        where = f"{path}: record {number}"
-        if not isinstance(ann, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {_describe(ann)}")
-        if "question_id" not in ann:
-            raise ValueError(f"{where}: missing field 'question_id'")
-        qid = _check_question_id(ann["question_id"], where)
-        where = f"{where} (question_id {qid!r})"
+        qid, where = _official_record_id(ann, f"{path}: record {number}")
         if qid in annotated:
             raise ValueError(f"{where}: field 'question_id': duplicate question_id {qid!r}")
         answers = ann.get("answers")
@@ -519,13 +523,7 @@ def read_official_pair(results_json: str | os.PathLike, annotations_json: str | 
 
     predictions: dict[QuestionId, str] = {}
     for number, result in enumerate(_object_list(_load_json(results_path), None, results_path), 1):
-        where = f"{results_path}: record {number}"
-        if not isinstance(result, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {_describe(result)}")
-        if "question_id" not in result:
-            raise ValueError(f"{where}: missing field 'question_id'")
-        qid = _check_question_id(result["question_id"], where)
-        where = f"{where} (question_id {qid!r})"
+        qid, where = _official_record_id(result, f"{results_path}: record {number}")
         if qid not in annotated:
             raise ValueError(f"{where}: field 'question_id': not in {annotations_path}")
         if qid in predictions:
