@@ -14,6 +14,23 @@ COMMANDS = {
     "score": ("vlm.vqa_metric", "score predictions with the official VQA accuracy metric"),
     "report": ("stages.report", "rebuild a run's report.json / report.md / report.png"),
     "bench": ("bench.sft_throughput", "SFT throughput and model FLOP utilisation benchmark"),
+    "instruct": ("stages.instruct", "stage 3: LLaVA instruction tuning on conversations, loss on assistant turns"),
+    "ask": ("stages.ask", "answer one question about an image with a trained model (streamed)"),
+    "chat": ("stages.chat", "interactive multi-turn chat about an image in the terminal (streamed)"),
+    "bench-convert": ("bench.convert_vqav2", "VQA v2-sized conversion benchmark: seconds, records/s, peak memory"),
+    "sample": ("stages.sample", "K sampled + the greedy answer per question into the label store, for labeling"),
+    "label": ("rewards.label_app", "the labeling web app and its JSON API (127.0.0.1; --token when exposed)"),
+    "autolabel": ("stages.autolabel", "label samples with ground truth by official VQA accuracy, as labeler auto"),
+    "export-labels": ("rewards.export_labels", "export final labels as a datasets dir + JSONL, with labeler stats"),
+    "import-labels": ("rewards.import_labels", "import a JSONL of labels made elsewhere into the label store"),
+    "bench-labels": ("bench.labeling", "labeling app benchmark: label submissions/s, next-item latency"),
+    "caption": ("stages.caption", "caption images with a trained model (the caption prompt it was trained with)"),
+    "caption-eval": ("stages.caption_eval", "caption a split's images: BLEU-1..4, CIDEr-D (pure Python), perplexity"),
+    "compare": ("stages.compare", "runs' reports side by side: VQA accuracy, caption CIDEr-D, time, throughput"),
+    "bench-cache": ("bench.feature_cache", "SFT step time with the CLIP feature cache vs features on the fly"),
+    "rm": ("stages.rm", "train the multimodal reward model on exported labels, with baselines"),
+    "ppo": ("stages.ppo", "PPO of the SFT policy against the reward model, images in every forward (trl 1.12)"),
+    "bench-ppo": ("bench.ppo_throughput", "PPO rollout and update throughput (samples/s) of default and GPT-2 124M sized models"),
 }
 
 

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 from vlm.config import ConfigError, RunConfig, load_config
+from vlm.files import write_json  # noqa: F401  (stages import it from here)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -45,11 +44,3 @@ def parse_stage_args(prog: str, doc: str, argv=None) -> RunConfig:
     parser = stage_parser(prog, doc)
     return config_from_args(parser.parse_intermixed_args(argv))
 
-
-def write_json(path: Path, data) -> None:
-    """Atomic: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

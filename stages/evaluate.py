@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from vlm.config import RunConfig
-from vlm.data import ImageCache, check_vqa_record, load_split
+from vlm.data import check_vqa_record, load_split
+from vlm.features import image_source
 from vlm.generate import answer_questions
 from vlm.model import load_model
 from vlm.vqa_metric import score_records
@@ -58,7 +59,7 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str) -> dict:
 
     torch.manual_seed(config.seed)  # sampling decodes are reproducible
     model, processor = load_model(model_dir)
-    images = ImageCache(processor.image_processor, config.data_dir)
+    images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
     started = time.perf_counter()
     predictions = answer_questions(
         model, processor, records, images, config.data.prompt_template, config.eval.decoding,

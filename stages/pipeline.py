@@ -25,14 +25,21 @@ from vlm.config import STAGES, ConfigError, RunConfig, load_config, to_dict
 from stages.common import DEFAULT_CONFIG, config_path_and_overrides, write_json
 from stages.report import build_report, print_table
 
-STAGE_MODULES = {"prep": "stages.prep", "sft": "stages.sft", "eval": "stages.evaluate"}
-TRAINING_STAGES = {"sft"}
+STAGE_MODULES = {"prep": "stages.prep", "sft": "stages.sft", "sample": "stages.sample",
+                 "autolabel": "stages.autolabel", "rm": "stages.rm", "ppo": "stages.ppo",
+                 "instruct": "stages.instruct", "eval": "stages.evaluate", "caption_eval": "stages.caption_eval"}
+TRAINING_STAGES = {"sft", "rm", "ppo", "instruct"}
 
 # --smoke: a few steps on a small slice, to validate a config end to end in minutes.
 SMOKE_OVERRIDES = [
     "sft.steps=4", "sft.save_steps=2", "sft.eval_steps=2", "sft.eval_samples=16", "sft.logging_steps=1",
     "sft.batch_size=4", "sft.warmup_steps=0", "data.max_train_samples=64", "eval.max_samples=32",
-    "eval.batch_size=16",
+    "eval.batch_size=16", "eval.caption_max_images=16", "sample.max_questions=16", "sample.k=2", "sample.batch_size=8",
+    "instruct.steps=4", "instruct.save_steps=2", "instruct.logging_steps=1", "instruct.batch_size=4",
+    "instruct.warmup_steps=0", "instruct.max_train_samples=32", "instruct.describe_samples=8",
+    "rm.steps=4", "rm.batch_size=4", "rm.save_steps=2", "rm.logging_steps=1", "rm.warmup_steps=0",
+    "ppo.steps=2", "ppo.batch_size=4", "ppo.mini_batches=2", "ppo.save_steps=1", "ppo.eval_steps=2",
+    "ppo.eval_samples=8", "ppo.max_prompts=32",
 ]
 SMOKE_SYNTHETIC = {"train_images": 40, "val_images": 8, "test_images": 8}
 

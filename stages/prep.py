@@ -5,11 +5,24 @@
 data.source=synthetic generates the built-in dataset into data.dir (default
 <run>/data); it is skipped when that dir already holds the same generation.
 data.source=disk checks that data.dir holds a converted dataset.
+
+Converting a public data set into such a dir (each has its own --help):
+
+    vqa-rlhf prep vqav2 --questions Q.json [--annotations A.json] --images DIR --out OUT
+    vqa-rlhf prep llava --data FILE.json --images DIR --out OUT
+    vqa-rlhf prep coco-captions --captions FILE.json --images DIR --out OUT
+    vqa-rlhf prep flickr30k --captions FILE.csv|FILE.json --images DIR --out OUT
+
+then train on it with data.source=disk data.dir=OUT. With a frozen vision tower, cache its
+features once (then data.feature_cache=FEATS):
+
+    vqa-rlhf prep features --model CLIP_OR_VLM --data OUT --out FEATS
 """
 from __future__ import annotations
 
 import sys
 
+from data_prep import convert
 from data_prep.synthetic import SyntheticConfig, generate
 from vlm.data import load_split
 from stages.common import parse_stage_args
@@ -31,6 +44,13 @@ def prepare(config) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in convert.CONVERTERS:
+        return convert.main(argv)
+    if argv and argv[0] == "features":
+        from data_prep import features
+
+        return features.main(argv[1:])
     config = parse_stage_args("prep", __doc__, argv)
     counts = prepare(config)
     print(f"prep: dataset in {config.data_dir}: {counts}")

@@ -39,6 +39,32 @@ def build_report(run_dir: Path) -> dict:
         if curve_path.is_file():
             entry["val_accuracy_curve"] = [json.loads(l) for l in curve_path.read_text().splitlines() if l.strip()]
         report["stages"]["sft"] = entry
+    captions = _read(run_dir / "eval" / "captions" / "metrics.json")  # stages/caption_eval.py
+    if captions:
+        report["stages"]["caption_eval"] = {k: captions[k] for k in (
+            "cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "perplexity", "images", "split", "seconds") if k in captions}
+    instruct = _read(run_dir / "instruct" / "metrics.json")
+    if instruct:
+        keys = ("vqa_accuracy_before", "vqa_accuracy_after", "description_precision", "description_recall", "seconds")
+        report["stages"]["instruct"] = {key: instruct[key] for key in keys}
+    rm = _read(run_dir / "rm" / "metrics.json")
+    if rm:
+        report["stages"]["rm"] = {
+            "accuracy": rm["accuracy"], "auc": rm["auc"], "objective": rm["objective"], "count": rm["count"],
+            "seconds": rm["seconds"], "checkpoint": rm["checkpoint"], "by_group": rm.get("by_group", {}),
+            "baselines": {name: {k: rm["baselines"][name][k] for k in ("accuracy", "auc", "by_group")}
+                          for name in ("similarity", "exact_match") if name in rm["baselines"]},
+            "similarity_failures": rm["baselines"].get("similarity", {}).get("failures", []),
+        }
+    ppo = _read(run_dir / "ppo" / "metrics.json")
+    if ppo:
+        report["stages"]["ppo"] = {key: ppo.get(key) for key in (
+            "algo", "vqa_accuracy_before", "vqa_accuracy_after", "mean_reward", "kl", "seconds", "updates",
+            "checkpoint")}
+        log_path = run_dir / "ppo" / "log.jsonl"
+        if log_path.is_file():
+            plot_ppo([json.loads(l) for l in log_path.read_text().splitlines() if l.strip()],
+                     run_dir / "ppo" / "ppo.png")
     write_json(run_dir / "report.json", report)
     (run_dir / "report.md").write_text(render_markdown(report))
     if sft:
@@ -51,10 +77,39 @@ def render_markdown(report: dict) -> str:
     lines = [f"# Run report: {report['run_dir']}", ""]
     lines += ["| stage | VQA accuracy | seconds | checkpoint |", "|---|---|---|---|"]
     for stage, entry in report["stages"].items():
-        lines.append(f"| {stage} | {entry.get('vqa_accuracy', '-')} | {entry.get('seconds', '-')} | "
+        lines.append(f"| {stage} | {entry.get('vqa_accuracy', entry.get('vqa_accuracy_after', '-'))} | "
+                     f"{entry.get('seconds', '-')} | "
                      f"{entry.get('checkpoint', '-')} |")
     for name, value in report["baselines"].items():
         lines.append(f"| baseline: {name} | {value} | | |")
+    instruct = report["stages"].get("instruct")
+    if instruct:
+        lines += ["", "## Instruction tuning", "",
+                  f"VQA accuracy {instruct['vqa_accuracy_before']} before, {instruct['vqa_accuracy_after']} after; "
+                  f"descriptions of held-out images: precision {instruct['description_precision']}, "
+                  f"recall {instruct['description_recall']} (objects: colour, shape and position)"]
+    rm = report["stages"].get("rm")
+    if rm:
+        lines += ["", f"## Reward model ({rm['objective']}, {rm['count']} held-out labels, split by image)", "",
+                  "| reward | accuracy (%) | ROC AUC |", "|---|---|---|",
+                  f"| reward model | {rm['accuracy']} | {rm['auc']} |"]
+        lines += [f"| baseline: {name} | {b['accuracy']} | {b['auc']} |" for name, b in rm["baselines"].items()]
+        sim = rm["baselines"].get("similarity", {}).get("by_group", {})
+        if rm["by_group"]:
+            lines += ["", "| group | reward model (%) | similarity (%) | labels |", "|---|---|---|---|"]
+            lines += [f"| {g} | {e['accuracy']} | {sim.get(g, {}).get('accuracy', '-')} | {e['count']} |"
+                      for g, e in rm["by_group"].items()]
+        if rm["similarity_failures"]:
+            lines += ["", "Wrong answers the similarity baseline accepts most confidently:", ""]
+            lines += [f"- {f['question']} answer '{f['answer']}', ground truth {f['gt_answers']}: "
+                      f"similarity {f['similarity']}" for f in rm["similarity_failures"]]
+    ppo = report["stages"].get("ppo")
+    if ppo:
+        lines += ["", f"## RL ({ppo['algo']})", "",
+                  f"Test VQA accuracy (greedy, official metric) {ppo['vqa_accuracy_before']} before, "
+                  f"{ppo['vqa_accuracy_after']} after {ppo['updates']} updates in {ppo['seconds']} s; "
+                  f"mean reward {ppo['mean_reward']}, KL {ppo['kl']} (last tenth of the updates).", "",
+                  "![reward, KL and held-out accuracy over PPO updates](ppo/ppo.png)"]
     sft = report["stages"].get("sft", {})
     for title, key in (("By answer type", "by_answer_type"), ("By question family", "by_question_family")):
         if sft.get(key):
@@ -90,10 +145,35 @@ def plot(log_history: list[dict], curve: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_ppo(log: list[dict], path: Path) -> None:
+    """Reward, KL and held-out VQA accuracy over PPO updates, with the rollouts' own VQA accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held_out = [(e["step"], e["val_vqa_accuracy"]) for e in log if "val_vqa_accuracy" in e]
+    log = [e for e in log if "mean_reward" in e]  # update 0 has the held-out accuracy only
+    steps = [e["step"] for e in log]
+    fig, (ax_reward, ax_kl, ax_acc) = plt.subplots(1, 3, figsize=(14, 4))
+    ax_reward.plot(steps, [e["mean_reward"] for e in log])
+    ax_reward.set(title="mean reward (reward model)", xlabel="update")
+    ax_kl.plot(steps, [e["kl"] for e in log])
+    ax_kl.set(title="KL to the reference", xlabel="update")
+    ax_acc.plot(steps, [e.get("rollout_vqa_accuracy") for e in log], label="rollouts (sampled)", alpha=0.6)
+    if held_out:
+        ax_acc.plot(*zip(*held_out), marker="o", label="held-out (greedy)")
+    ax_acc.set(title="VQA accuracy (%)", xlabel="update")
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def print_table(report: dict) -> None:
     print(f"\n{'stage':<24}{'VQA accuracy':>14}{'seconds':>10}")
     for stage, entry in report["stages"].items():
-        acc = entry.get("vqa_accuracy")
+        acc = entry.get("vqa_accuracy", entry.get("vqa_accuracy_after"))
         print(f"{stage:<24}{acc if acc is not None else '-':>14}{entry.get('seconds', '-'):>10}")
     for name, value in report["baselines"].items():
         print(f"{'baseline: ' + name:<24}{value:>14}{'':>10}")

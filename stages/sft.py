@@ -16,33 +16,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback, set_seed
 
 from vlm.config import RunConfig, to_dict
 from vlm.data import (
-    ImageCache,
     RejectLog,
     SupervisedDataset,
-    VLMCollator,
     caption_items,
     load_split,
     vqa_items,
 )
+from vlm.features import image_source
 from vlm.generate import answer_questions
 from vlm.model import build_model, build_processor, load_model, count_parameters
-from vlm.train import (
-    VLMTrainer,
-    apply_lora,
-    gathered_parameters,
-    is_main_process,
-    last_complete_checkpoint,
-    part_learning_rates,
-    quantization_config,
-    save_final,
-    set_trainable,
-    training_arguments,
-)
+from vlm.train import build_trainer, is_main_process, prepare_for_training, train_and_save
 from vlm.vqa_metric import score_records
 from stages.common import parse_stage_args, write_json
 
@@ -82,30 +69,13 @@ def setup_model(config: RunConfig, work_dir: Path):
         model = build_model(model_config, processor)
         base_dir = None
     processor.tokenizer.padding_side = "right"
-
-    bits = config.sft.lora.quantize_bits
-    if bits:
-        if not config.sft.lora.enabled:
-            raise ValueError("sft.lora.quantize_bits needs sft.lora.enabled=true (QLoRA)")
-        if base_dir is None:  # quantization happens at load: put the fresh model on disk first
-            base_dir = work_dir / "base-model"
-            if is_main_process() and not (base_dir / "config.json").is_file():
-                model.save_pretrained(base_dir)
-                processor.save_pretrained(base_dir)
-        from transformers import LlavaForConditionalGeneration
-
-        model = LlavaForConditionalGeneration.from_pretrained(
-            base_dir, quantization_config=quantization_config(bits), dtype=torch.float32
-        )
-    set_trainable(model, config.sft)
-    if config.sft.lora.enabled:
-        model = apply_lora(model, config.sft)
-    return model, processor
+    return prepare_for_training(model, processor, config.sft, base_dir, work_dir, "sft"), processor
 
 
-def setup_data(config: RunConfig, processor, model_config, work_dir: Path):
+def setup_data(config: RunConfig, processor, model, work_dir: Path):
     data = config.data
-    images = ImageCache(processor.image_processor, config.data_dir)
+    images = image_source(data.feature_cache, config.data_dir, processor, model, config.sft.freeze_vision,
+                          "the model being trained")
     rejects = RejectLog(work_dir / "rejects.jsonl", data.on_bad_record)
     (work_dir / "rejects.jsonl").unlink(missing_ok=True)
     vqa_train = load_split(config.data_dir, "vqa", data.train_split)
@@ -120,7 +90,7 @@ def setup_data(config: RunConfig, processor, model_config, work_dir: Path):
         picks = [rng.randrange(len(captions)) for _ in range(count)]
         items += list(caption_items(captions.select(picks), data, str(config.data_dir / "captions" / data.train_split)))
     dataset = SupervisedDataset(
-        items, processor.tokenizer, images, model_config.image_seq_length, data.max_length, rejects
+        items, processor.tokenizer, images, model.config.image_seq_length, data.max_length, rejects
     )
     if len(dataset) == 0:
         raise ValueError(f"no usable training examples in {source} (see {rejects.path})")
@@ -190,8 +160,7 @@ def train(config: RunConfig, callbacks=()) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     model, processor = setup_model(config, work_dir)
-    llava_config = model.config
-    dataset, val_records, images, rejects = setup_data(config, processor, llava_config, work_dir)
+    dataset, val_records, images, rejects = setup_data(config, processor, model, work_dir)
     if is_main_process():
         print(
             f"sft: {len(dataset)} examples ({rejects.count} rejected), "
@@ -199,26 +168,10 @@ def train(config: RunConfig, callbacks=()) -> dict:
             flush=True,
         )
 
-    checkpoints = work_dir / "checkpoints"
-    args = training_arguments(config.sft, checkpoints, config.seed)
     held_out = HeldOutAccuracy(config, processor, val_records, images, work_dir / "eval_log.jsonl")
-    trainer = VLMTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=VLMCollator(processor.tokenizer.pad_token_id),
-        callbacks=[held_out, *callbacks],
-        part_lrs=part_learning_rates(config.sft),
-    )
+    trainer = build_trainer(model, processor, dataset, config.sft, work_dir, config.seed, [held_out, *callbacks])
     held_out.trainer = trainer
-    resume_from = last_complete_checkpoint(checkpoints) if config.sft.resume else None
-    if resume_from and is_main_process():
-        print(f"sft: resuming from {resume_from}", flush=True)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - started
-
-    final_dir = work_dir / "final"
+    result, seconds, final_dir = train_and_save(trainer, processor, config.sft, work_dir, to_dict(config), "sft")
     metrics = {
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
@@ -228,10 +181,8 @@ def train(config: RunConfig, callbacks=()) -> dict:
         "checkpoint": str(final_dir),
         "log_history": trainer.state.log_history,
     }
-    with gathered_parameters(trainer):  # ZeRO-3: every rank takes part in gathering the weights
-        if trainer.is_world_process_zero():
-            save_final(trainer.model, processor, final_dir, to_dict(config))
-            write_json(work_dir / "metrics.json", metrics)
+    if trainer.is_world_process_zero():
+        write_json(work_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -40,7 +40,7 @@ def test_a_typo_in_an_override_stops_before_any_stage_runs(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("subcommand", ["run", "prep", "synthetic", "sft", "eval", "score", "report", "bench"])
+@pytest.mark.parametrize("subcommand", ["run", "prep", "synthetic", "sft", "eval", "score", "report", "bench", "instruct", "ask", "chat"])
 def test_every_subcommand_explains_itself(subcommand):
     result = subprocess.run([sys.executable, "-m", "stages.cli", subcommand, "--help"],
                             capture_output=True, text=True, cwd=REPO)

@@ -47,6 +47,12 @@ class ModelConfig:
     # Which vision hidden state feeds the projector; LLaVA uses -2 with pretrained CLIP.
     vision_feature_layer: int = -1
     projector_act: str = "gelu"
+    # How CLIP features reach GPT-2 (vlm/projectors.py): llava (stock Linear-GELU-Linear,
+    # loads with plain transformers) | mlp (GPT-2 Vision) | linear-ln-transformer
+    # (GPT2MultiModal) | prefix (ClipCap / CLIPxGPT) | cross-attention (VisionGPT-2).
+    projector: str = "llava"
+    prefix_length: int = 4  # prefix: image tokens K the pooled CLIP embedding becomes
+    projector_layers: int = 1  # prefix, linear-ln-transformer: transformer encoder layers
 
 
 @dataclass
@@ -72,6 +78,9 @@ class DataConfig:
     caption_ratio: float = 0.25  # caption examples per VQA question
     max_length: int = 96
     on_bad_record: str = "skip"  # skip (counted, written to rejects.jsonl) | error
+    # CLIP features cached by `vqa-rlhf prep features` (data_prep/features.py): used instead of
+    # the images when the vision tower is frozen; a cache made by another tower is an error.
+    feature_cache: str | None = None
 
 
 @dataclass
@@ -97,9 +106,20 @@ class TrainConfig:
     warmup_steps: int = 50
     schedule: str = "cosine"  # any transformers SchedulerType
     max_grad_norm: float = 1.0
+    # Any transformers TrainingArguments.optim: adamw_torch, adafactor, sgd, adamw_torch_fused, ...
+    optim: str = "adamw_torch"
     freeze_vision: bool = False
     freeze_projector: bool = False
     freeze_language: bool = False
+    # GPT-2 blocks kept frozen throughout: the first N / the last N (embeddings and lm_head train).
+    freeze_first_blocks: int = 0
+    freeze_last_blocks: int = 0
+    # Staged unfreezing (vlm/train.py UnfreezeSchedule), e.g. the connector first, then GPT-2, then all:
+    #   [{at_step: 0, train: [projector]}, {at_step: 500, train: [projector, language]}, {at_step: 1000, train: [all]}]
+    # or with at_epoch. Parts: vision, projector, language, all. Empty: the freeze_* flags decide.
+    unfreeze_schedule: list = field(default_factory=list)
+    # Stop after this many seconds of training (comparisons at equal wall-clock); None: `steps` decides.
+    max_train_seconds: float | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: str | None = None  # path to a DeepSpeed JSON config (configs/deepspeed/)
     bf16: bool = False
@@ -111,6 +131,68 @@ class TrainConfig:
     eval_samples: int = 256
     resume: bool = True  # continue from the newest complete checkpoint in the output dir
     num_workers: int = 0
+
+
+@dataclass
+class InstructConfig(TrainConfig):
+    """Stage 3 (stages/instruct.py): LLaVA-format conversations, loss on assistant turns only.
+    The TrainConfig keys mean what they mean for sft; these are instruct's own."""
+    # The model to start from; default <run>/ppo/final if it exists, else <run>/sft/final.
+    init_from: str | None = None
+    # Conversations dataset dir in the project's schema (default: data.dir's conversations/).
+    data_dir: str | None = None
+    max_train_samples: int | None = None  # conversation records used (None: all)
+    # Packed VQA examples replayed per conversation example, to keep VQA accuracy.
+    vqa_replay_ratio: float = 0.5
+    # Held-out images evaluated for description quality ("Describe the image.") and for
+    # follow-up answers in conversations (None: all of eval.split).
+    describe_samples: int | None = None
+    describe_max_new_tokens: int = 64  # longest description / follow-up answer generated
+
+
+@dataclass
+class RewardTrainConfig(TrainConfig):
+    """Reward model training (`rm:`): TrainConfig's fields plus what the labels need."""
+    objective: str = "pointwise"  # pointwise (BCE on correct / incorrect) | pairwise (correct vs incorrect, same question)
+    labels: str | None = None  # an export dir (vqa-rlhf export-labels); default: exported from sample.db
+    base: str | None = None  # the VLM whose backbone the reward model starts from; default: <run>/sft/final
+    heldout_fraction: float = 0.2  # labels held out for evaluation, split by image
+
+
+@dataclass
+class PPOConfig:
+    """RL fine-tuning of the SFT policy against the reward model (`ppo:`), through TRL 1.12."""
+    algo: str = "ppo"  # ppo | grpo | rloo
+    policy: str | None = None  # default: <run>/sft/final
+    reward_model: str | None = None  # default: <run>/rm/final
+    steps: int = 60  # PPO updates (each: one batch of rollouts, ppo_epochs passes over it)
+    batch_size: int = 64  # rollouts per update per process
+    mini_batches: int = 2
+    ppo_epochs: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 | k3
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 1.0
+    max_new_tokens: int = 8  # VQA answers are a few tokens
+    missing_eos_penalty: float | None = 1.0  # an answer cut off at max_new_tokens loses this much reward
+    whiten_rewards: bool = False
+    num_generations: int = 4  # grpo / rloo: answers per prompt
+    freeze_vision: bool = True
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: str | None = None  # grpo / rloo (HF Trainer); ppo takes DeepSpeed from `accelerate launch` configs
+    max_prompts: int | None = None  # train-split questions used as queries (default: all)
+    save_steps: int = 20
+    eval_steps: int = 20  # held-out VQA accuracy every N updates (0: off)
+    eval_samples: int = 256
+    resume: bool = True
 
 
 @dataclass
@@ -128,6 +210,31 @@ class EvalConfig:
     batch_size: int = 128
     max_samples: int | None = None
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    # caption_eval stage (stages/caption_eval.py): the captions/ split eval.split, BLEU / CIDEr-D / perplexity
+    caption_max_new_tokens: int = 32
+    caption_max_images: int | None = None  # the split's first N images (None: all)
+
+
+@dataclass
+class SampleConfig:
+    """Candidate answers for labeling (`vqa-rlhf sample`, rewards/sampling.py): K sampled answers
+    per question plus the greedy one, duplicates merged, into the label store."""
+    model: str | None = None  # checkpoint to sample from; default: <run>/sft/final
+    split: str = "train"
+    max_questions: int | None = 2000  # the split's first N questions (None: all)
+    k: int = 4  # sampled answers per question, besides the greedy one
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 8
+    batch_size: int = 64
+    db: str | None = None  # the label store; default: <run>/labels/labels.db
+
+
+@dataclass
+class AutolabelConfig:
+    # An answer is auto-labeled correct when its official VQA accuracy against the
+    # question's ground truth is at least this (0.6: at least two of ten annotators gave it).
+    min_accuracy: float = 0.6
 
 
 @dataclass
@@ -143,7 +250,12 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: TrainConfig = field(default_factory=TrainConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    autolabel: AutolabelConfig = field(default_factory=AutolabelConfig)
+    rm: RewardTrainConfig = field(default_factory=RewardTrainConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -152,6 +264,11 @@ class RunConfig:
     @property
     def data_dir(self) -> Path:
         return Path(self.data.dir) if self.data.dir else self.run_dir / "data"
+
+    @property
+    def labels_db(self) -> Path:
+        """The label store: candidate answers and their labels (rewards/label_store.py)."""
+        return Path(self.sample.db) if self.sample.db else self.run_dir / "labels" / "labels.db"
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -258,6 +375,10 @@ def _check_choices(config: RunConfig) -> None:
         "eval.decoding.strategy": (config.eval.decoding.strategy, {"greedy", "sample", "beam"}),
         "launcher": (config.launcher, {"none", "torchrun", "deepspeed"}),
         "sft.lora.quantize_bits": (config.sft.lora.quantize_bits, {None, 4, 8}),
+        "rm.objective": (config.rm.objective, {"pointwise", "pairwise"}),
+        "ppo.algo": (config.ppo.algo, {"ppo", "grpo", "rloo"}),
+        "ppo.kl_estimator": (config.ppo.kl_estimator, {"k1", "k3"}),
+        "instruct.lora.quantize_bits": (config.instruct.lora.quantize_bits, {None, 4, 8}),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -268,7 +389,7 @@ def _check_choices(config: RunConfig) -> None:
 
 
 # The pipeline's stages in the order they run.
-STAGES = ("prep", "sft", "eval")
+STAGES = ("prep", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval", "caption_eval")
 
 
 def to_dict(config) -> dict:

@@ -7,9 +7,11 @@ again by re-tokenizing and searching, so the answer mask cannot drift.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
+from urllib.parse import unquote
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -76,35 +78,92 @@ def encode_turns(
     return EncodedExample(input_ids, labels)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """An image as RGB, or a clear error naming the file."""
+# PIL's own decompression-bomb limit (it warns above it and refuses twice as many pixels).
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def check_image_path(relative_path: str) -> str:
+    """A record's image path, checked lexically: it must stay under the root it is relative to.
+
+    No absolute paths, no '..' components (also when percent-encoded, '%2e%2e'). Lexical on
+    purpose: a dataset's images/<name> may be a symlink to the real image folder, which
+    resolve() would take for an escape. Converters also resolve() against the image root."""
+    if not isinstance(relative_path, str) or not relative_path.strip() or "\0" in relative_path:
+        raise ValueError(f"image path escapes the image root: {relative_path!r} is not a file path")
+    for form in {relative_path, unquote(relative_path) if "%" in relative_path else relative_path}:
+        parts = form.replace("\\", "/").split("/")
+        if form.startswith(("/", "\\")) or (len(form) > 1 and form[1] == ":") or ".." in parts:
+            raise ValueError(f"image path escapes the image root: {relative_path!r}")
+    return relative_path
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: transparency onto white, 16-bit integer images scaled to 8 bits."""
+    import numpy as np
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # convert("RGB") would clip 16-bit values at 255 (a white image): scale 0..65535 to 0..255.
+        values = np.asarray(image).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image as RGB, or a clear error naming the file: 'image not found', 'image empty',
+    'image too large' (more than max_pixels: a decompression bomb is refused before it is
+    decoded) or 'image unreadable' (corrupt, truncated, unknown format)."""
+    import warnings
+
+    path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        if path.stat().st_size == 0:
+            raise ValueError(f"image empty: {path} has 0 bytes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ValueError(f"image too large: {path} is {width}x{height}, more than {max_pixels} pixels")
+                image.load()  # decodes everything: a truncated file fails here
+                return to_rgb(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image too large: {path}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"image unreadable: {path}: {exc}") from None
 
 
 class ImageCache:
-    """Preprocessed pixel values by image path: small datasets are decoded once."""
+    """Preprocessed pixel values by image path, the most recent `max_items` kept in memory.
 
-    def __init__(self, image_processor, root: Path):
+    The built-in dataset (7,000 small images) is decoded once; a VQA v2-sized one (tens of
+    thousands of 224-px images, 600 KB each as float32) would not fit, so old entries go.
+    `vlm.features.FeatureStore` stands in for it when the vision tower is frozen;
+    `input_name` is the batch key each one fills."""
+
+    input_name = "pixel_values"
+
+    def __init__(self, image_processor, root: Path, max_items: int = 20_000):
         self.image_processor = image_processor
         self.root = Path(root)
-        self._cache: dict[str, torch.Tensor] = {}
+        self.max_items = max_items
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def __call__(self, relative_path: str) -> torch.Tensor:
-        if relative_path not in self._cache:
-            path = (self.root / relative_path).resolve()
-            if not path.is_relative_to(self.root.resolve()):
-                raise ValueError(f"image path escapes the dataset dir: {relative_path}")
-            image = load_rgb(path)
-            pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-            self._cache[relative_path] = pixels
-        return self._cache[relative_path]
+        if relative_path in self._cache:
+            self._cache.move_to_end(relative_path)
+            return self._cache[relative_path]
+        image = load_rgb(self.root / check_image_path(relative_path))
+        pixels = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        self._cache[relative_path] = pixels
+        if len(self._cache) > self.max_items:
+            self._cache.popitem(last=False)
+        return pixels
 
 
 class RejectLog:
@@ -131,6 +190,8 @@ def check_vqa_record(record: dict) -> str | None:
     if not isinstance(question, str) or not question.strip():
         return "field 'question' is empty"
     answers = record.get("answers")
+    if answers == []:
+        return "field 'answers' is empty: an inference-only split (e.g. VQA v2 test-dev) cannot be trained or scored"
     if not isinstance(answers, list) or len(answers) != 10:
         return f"field 'answers' must list 10 answers, got {len(answers) if isinstance(answers, list) else answers!r}"
     if not isinstance(record.get("multiple_choice_answer"), str) or not record["multiple_choice_answer"].strip():
@@ -145,23 +206,33 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     Bad records (empty question, wrong answer count, missing or corrupt image, too
     long) are skipped and counted in the reject log, or raise, as configured.
+    `image` None is a text-only example (LLaVA-1.5 mix): no pixels, no image tokens.
     """
 
     def __init__(
         self,
-        items: Iterable[tuple[str, str, str, list[tuple[str, str]]]],  # (record id, source, image, turns)
+        items: Iterable[tuple[str, str, str | None, list[tuple[str, str]]]],  # (record id, source, image, turns)
         tokenizer,
         images: ImageCache,
         image_seq_length: int,
         max_length: int,
         rejects: RejectLog,
     ):
-        self.examples: list[tuple[EncodedExample, str]] = []
+        self.examples: list[tuple[EncodedExample, str | None]] = []
         self.images = images
+        image_token_id = tokenizer.convert_tokens_to_ids("<image>")
         for record_id, source, image, turns in items:
             try:
                 encoded = encode_turns(tokenizer, turns, image_seq_length, max_length)
-                images(image)  # decode now: a bad image is found before training starts
+                # One image, one placeholder: the model scatters image features into exactly
+                # these positions, so a mismatch would be a crash mid-training.
+                expected = image_seq_length if image is not None else 0
+                found = encoded.input_ids.count(image_token_id)
+                if found != expected:
+                    raise ValueError(f"{found} image tokens in the prompt, expected {expected} "
+                                     f"({'one image' if image is not None else 'text-only record'})")
+                if image is not None:
+                    images(image)  # decode now: a bad image is found before training starts
             except (ValueError, FileNotFoundError) as exc:
                 rejects.reject(record_id, source, str(exc))
                 continue
@@ -175,18 +246,23 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
-            "pixel_values": self.images(image),
+            self.images.input_name: self.images(image) if image is not None else None,
         }
 
 
 @dataclass
 class VLMCollator:
     """Right-pads to the longest example. GPT-2 pads with EOS, so padding is masked by
-    position (attention_mask), never by token id: the EOS that ends an answer stays a label."""
+    position (attention_mask), never by token id: the EOS that ends an answer stays a label.
+
+    Text-only rows (image input None) mix with image rows: the image input stacks the rows
+    that have one, in row order, which is the order Llava scatters image features into the
+    `<image>` positions; a batch without images has none."""
 
     pad_token_id: int
 
     def __call__(self, batch: list[dict]) -> dict:
+        image_key = "pixel_values" if "pixel_values" in batch[0] else "image_features"
         width = max(len(item["input_ids"]) for item in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -196,12 +272,16 @@ class VLMCollator:
             input_ids[row, :n] = torch.tensor(item["input_ids"])
             labels[row, :n] = torch.tensor(item["labels"])
             attention_mask[row, :n] = 1
-        return {
+        out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         }
+        # pixels, or cached vision features (vlm/features.py); text-only rows have none
+        images = [item[image_key] for item in batch if item.get(image_key) is not None]
+        if images:
+            out[image_key] = torch.stack(images)
+        return out
 
 
 def vqa_prompt(template: str, question: str) -> str:
@@ -239,6 +319,93 @@ def caption_items(records, data, source: str):
         turns = [(vqa_prompt(data.prompt_template, data.caption_prompt),
                   data.answer_template.format(answer=record["caption"].strip()))]
         yield record["id"], source, record["image"], turns
+
+
+def move_image_token(conversations: list[dict], has_image: bool) -> list[dict]:
+    """LLaVA's placement of the image placeholder: every `<image>` is taken out of the turn
+    it is in and one is put at the front of the first human turn as "<image>\n...", where
+    the chat template and the VQA prompt put it. A record with an image and no placeholder
+    gets one (its image would otherwise be loaded and never seen); more than one placeholder
+    for one image, or one in a text-only record, is an error (ValueError)."""
+    count = sum(str(turn.get("value", "")).count("<image>") for turn in conversations)
+    if not has_image:
+        if count:
+            raise ValueError(f"{count} <image> placeholder(s) in a record without an image")
+        return [dict(turn) for turn in conversations]
+    if count > 1:
+        raise ValueError(f"{count} <image> placeholders for one image")
+    out = [dict(turn, value=turn["value"].replace("<image>", "").strip()) for turn in conversations]
+    for index, (turn, moved) in enumerate(zip(conversations, out)):
+        if "<image>" in turn["value"] and turn.get("from") == "gpt":
+            raise ValueError(f"conversations[{index}] (a gpt turn) holds <image>")
+        if "<image>" in turn["value"] and not moved["value"] and index > 0:
+            raise ValueError(f"conversations[{index}] holds nothing but <image>")
+    first_human = next((i for i, turn in enumerate(out) if turn.get("from") == "human"), None)
+    if first_human is None:
+        raise ValueError("no human turn to put the image in")
+    out[first_human]["value"] = "<image>\n" + out[first_human]["value"]
+    return out
+
+
+def check_conversation_record(record: dict) -> str | None:
+    """Why a conversation record (LLaVA format) is unusable for training, or None."""
+    image = record.get("image")
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        return f"field 'image' must be a relative path or null, got {image!r}"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "field 'conversations' is empty"
+    for index, turn in enumerate(turns):
+        expected = "human" if index % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != expected:
+            got = turn.get("from") if isinstance(turn, dict) else turn
+            return f"conversations[{index}].from is {got!r}, expected {expected!r} (turns alternate human/gpt)"
+        if not isinstance(turn.get("value"), str) or not turn["value"].strip():
+            return f"conversations[{index}].value is empty"
+    if len(turns) % 2:
+        return f"conversations[{len(turns) - 1}] is a human turn with no gpt answer"
+    return None
+
+
+def conversation_turns(conversations: list[dict], data) -> list[tuple[str, str]]:
+    """(prompt, answer) spans of a checked conversation whose `<image>` is in place (move_image_token).
+
+    The first human turn goes through data.prompt_template (its "<image>\n" dropped for a
+    text-only record), later ones through data.followup_template and answers through
+    data.answer_template: the VQA examples' format, which is the chat template's rendering
+    (vlm/model.py CHAT_TEMPLATE; tests/test_instruct.py checks the two agree)."""
+    image_line = "<image>\n"
+    turns = []
+    for index in range(0, len(conversations), 2):
+        question = conversations[index]["value"].strip()
+        answer = data.answer_template.format(answer=conversations[index + 1]["value"].strip())
+        if index == 0:
+            if question.startswith(image_line):
+                prompt = vqa_prompt(data.prompt_template, question[len(image_line):])
+            else:
+                if image_line not in data.prompt_template:
+                    raise ValueError(f"data.prompt_template has no {image_line!r} to drop for a text-only record")
+                prompt = vqa_prompt(data.prompt_template.replace(image_line, "", 1), question)
+        else:
+            prompt = vqa_prompt(data.followup_template, question)
+        turns.append((prompt, answer))
+    return turns
+
+
+def conversation_items(records, data, source: str, rejects: RejectLog):
+    """Training conversations from LLaVA-format records (image None: a text-only record)."""
+    for record in records:
+        problem = check_conversation_record(record)
+        if problem is None:
+            try:
+                conversations = move_image_token(record["conversations"], record.get("image") is not None)
+                turns = conversation_turns(conversations, data)
+            except ValueError as exc:
+                problem = str(exc)
+        if problem:
+            rejects.reject(record.get("id"), source, problem)
+            continue
+        yield record.get("id"), source, record.get("image"), turns
 
 
 def load_split(dataset_dir: Path, kind: str, split: str):

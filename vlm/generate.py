@@ -11,6 +11,7 @@ import torch
 
 from vlm.config import DecodingConfig
 from vlm.data import encode_example
+from vlm.features import image_inputs
 
 
 def decoding_kwargs(decoding: DecodingConfig) -> dict:
@@ -28,12 +29,18 @@ def generate(
     model,
     tokenizer,
     prompts: Sequence[str],
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     decoding: DecodingConfig,
     max_length: int,
     num_return_sequences: int = 1,
+    image_input_name: str = "pixel_values",
+    streamer=None,
 ) -> list[str]:
-    """Answers for a batch of prompts (one image each); `num_return_sequences` per prompt."""
+    """Answers for a batch of prompts (one image each); `num_return_sequences` per prompt.
+
+    `pixel_values` holds cached vision features instead of pixels when `image_input_name`
+    is "image_features" (vlm/features.py). `pixel_values` None: text-only prompts (no `<image>`).
+    `streamer` (transformers TextStreamer, one prompt) gets the tokens as they are generated."""
     image_seq_length = model.config.image_seq_length
     rows = [encode_example(tokenizer, p, None, image_seq_length, max_length).input_ids for p in prompts]
     width = max(len(r) for r in rows)
@@ -47,12 +54,14 @@ def generate(
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
-        pixel_values=pixel_values.to(device, dtype=next(model.parameters()).dtype),
+        **({} if pixel_values is None else
+           image_inputs(model, pixel_values.to(device, dtype=next(model.parameters()).dtype), image_input_name)),
         max_new_tokens=min(decoding.max_new_tokens, max_length - width),
         num_return_sequences=num_return_sequences,
         suppress_tokens=[image_token_id],
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        streamer=streamer,
         **decoding_kwargs(decoding),
     )
     new_tokens = output[:, width:]
@@ -76,6 +85,7 @@ def answer_questions(model, processor, records, images, prompt_template: str, de
         batch = records[start:start + batch_size]
         pixel_values = torch.stack([images(r["image"]) for r in batch])
         prompts = [vqa_prompt(prompt_template, r["question"]) for r in batch]
-        answers.extend(generate(model, processor.tokenizer, prompts, pixel_values, decoding, max_length))
+        answers.extend(generate(model, processor.tokenizer, prompts, pixel_values, decoding, max_length,
+                                image_input_name=images.input_name))
     model.train(was_training)
     return answers

@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from vlm.config import ModelConfig
+from vlm import projectors  # registers the non-default projector types with transformers' Auto classes
 
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"
@@ -118,7 +119,10 @@ def llava_config(vision: CLIPVisionConfig, text: GPT2Config, vocab_size: int, im
     text.tie_word_embeddings = False
     text.vocab_size = max(vocab_size, text.vocab_size)
     text.bos_token_id = text.eos_token_id = text.pad_token_id = eos_token_id
-    return LlavaConfig(
+    # model.projector "llava" gives the stock LlavaConfig; other types a VLMConfig whose
+    # image_seq_length is the type's image token count (vlm/projectors.py).
+    return projectors.make_config(
+        config.projector, config.prefix_length, config.projector_layers,
         vision_config=vision,
         text_config=text,
         image_token_index=image_token_id,
@@ -176,20 +180,28 @@ def build_model(config: ModelConfig, processor: LlavaProcessor) -> LlavaForCondi
     if config.text_model:
         vision_model = CLIPVisionModel.from_pretrained(config.vision_model)
         text_model = GPT2LMHeadModel.from_pretrained(config.text_model)
-        model = LlavaForConditionalGeneration(llava_config(
+        model_cls = projectors.model_class(config.projector)
+        model = model_cls(llava_config(
             vision_model.config, text_model.config, len(tokenizer), image_token_id, tokenizer.eos_token_id, config))
         model.model.vision_tower.load_state_dict(vision_model.state_dict())
         # New rows (for <image>) start at the mean embedding; a vocabulary padded beyond
         # the tokenizer keeps its size.
         text_model.resize_token_embeddings(max(len(tokenizer), text_model.config.vocab_size), mean_resizing=True)
-        model.model.language_model.load_state_dict(text_model.transformer.state_dict())
+        missing, unexpected = model.model.language_model.load_state_dict(
+            text_model.transformer.state_dict(), strict=False)
+        # Only the cross-attention layers (projector "cross-attention") are new in GPT-2.
+        missing = [k for k in missing if ".crossattention." not in k and ".ln_cross_attn." not in k]
+        if missing or unexpected:
+            raise ValueError(f"{config.text_model}: GPT-2 weights do not fit: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
         del vision_model, text_model
     else:
         vision, text = scratch_configs(config, len(tokenizer))
-        model = LlavaForConditionalGeneration(llava_config(
+        model = projectors.model_class(config.projector)(llava_config(
             vision, text, len(tokenizer), image_token_id, tokenizer.eos_token_id, config))
     with torch.no_grad():
         model.lm_head.weight.copy_(model.model.language_model.wte.weight)
+    projectors.finish_new_model(model)
     model.generation_config = _generation_config(model, tokenizer)
     return model
 
@@ -199,7 +211,8 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, **kwargs):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a saved model (no config.json)")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+    # Stock Llava, or one of vlm/projectors.py's types (by config.json's model_type).
+    model = projectors.class_for_saved(path).from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "right"
     return model, processor

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from vlm.config import TrainConfig
+from vlm.features import IMAGE_FEATURES, image_inputs
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
@@ -20,30 +22,159 @@ VISION_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 
 
+# Cross-attention layers added to GPT-2 blocks (projector "cross-attention", vlm/projectors.py)
+# are connector weights: new, trained with the projector.
+CROSS_ATTENTION_PARTS = (".crossattention.", ".ln_cross_attn.")
+PARTS = ("vision", "projector", "language")
+_GPT2_BLOCK = re.compile(r"language_model\.(?:model\.)?h\.(\d+)\.")
+
+
 def model_part(name: str) -> str:
     """'vision' | 'projector' | 'language' for a parameter name (PEFT prefixes stripped)."""
     name = name.removeprefix("base_model.model.")
     if name.startswith(VISION_PREFIX):
         return "vision"
-    if name.startswith(PROJECTOR_PREFIX):
+    if name.startswith(PROJECTOR_PREFIX) or any(part in name for part in CROSS_ATTENTION_PARTS):
         return "projector"
     return "language"
 
 
-def set_trainable(model: torch.nn.Module, config: TrainConfig) -> None:
-    frozen = {
-        "vision": config.freeze_vision,
-        "projector": config.freeze_projector,
-        "language": config.freeze_language,
-    }
+def gpt2_block(name: str) -> int | None:
+    """The GPT-2 block index of a parameter name, None outside the blocks."""
+    match = _GPT2_BLOCK.search(name)
+    return int(match.group(1)) if match else None
+
+
+def frozen_blocks(model: torch.nn.Module, config: TrainConfig) -> set[int]:
+    """GPT-2 blocks that never train: the first `freeze_first_blocks` and last `freeze_last_blocks`."""
+    first, last = getattr(config, "freeze_first_blocks", 0), getattr(config, "freeze_last_blocks", 0)
+    if not (first or last):
+        return set()
+    n_layer = llava_text_config(model).n_layer
+    if first < 0 or last < 0 or first + last > n_layer:
+        raise ValueError(f"freeze_first_blocks={first} + freeze_last_blocks={last}: GPT-2 has {n_layer} blocks")
+    return set(range(first)) | set(range(n_layer - last, n_layer))
+
+
+def llava_text_config(model):
+    from vlm.features import llava_of
+
+    return llava_of(model).config.text_config
+
+
+def schedule_phases(config: TrainConfig) -> list[tuple[str, int, set[str]]]:
+    """`unfreeze_schedule` checked: [(unit "step"|"epoch", at, parts)] in order; [] without one.
+
+    Each entry is {at_step: N, train: [parts]} or {at_epoch: N, train: [parts]}; parts are
+    vision, projector, language or all. The first entry must start at 0, units not mixed."""
+    schedule = getattr(config, "unfreeze_schedule", None) or []
+    phases = []
+    for i, entry in enumerate(schedule):
+        where = f"unfreeze_schedule[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {"at_step", "at_epoch", "train"} or "train" not in entry \
+                or len(set(entry) & {"at_step", "at_epoch"}) != 1:
+            raise ValueError(f"{where} is {entry!r}; expected {{at_step: N, train: [parts]}} or "
+                             f"{{at_epoch: N, train: [parts]}}")
+        unit = "step" if "at_step" in entry else "epoch"
+        at = entry[f"at_{unit}"]
+        parts = entry["train"] if isinstance(entry["train"], list) else [entry["train"]]
+        unknown = [p for p in parts if p not in (*PARTS, "all")]
+        if unknown or not isinstance(at, int) or at < 0:
+            raise ValueError(f"{where}: train must list {', '.join(PARTS)} or all (got {parts!r}) and "
+                             f"at_{unit} must be an integer >= 0 (got {at!r})")
+        parts = set(PARTS) if "all" in parts else set(parts)
+        frozen = {p for p in PARTS if getattr(config, f"freeze_{p}")}
+        if parts & frozen:
+            raise ValueError(f"{where} trains {sorted(parts & frozen)}, which freeze_* keeps frozen")
+        if phases and (unit != phases[-1][0] or at <= phases[-1][1]):
+            raise ValueError(f"{where}: entries must use one unit (at_step or at_epoch) in increasing order")
+        phases.append((unit, at, parts))
+    if phases and phases[0][1] != 0:
+        raise ValueError(f"unfreeze_schedule must start at 0 (the first phase starts at {phases[0][1]})")
+    if phases and (config.lora.enabled or config.deepspeed):
+        raise ValueError("unfreeze_schedule works with full fine-tuning without DeepSpeed "
+                         "(it toggles requires_grad between steps); unset lora.enabled / deepspeed")
+    return phases
+
+
+def set_trainable(model: torch.nn.Module, config: TrainConfig, parts: set[str] | None = None) -> None:
+    """requires_grad by part (freeze_* flags, or `parts` when given) and frozen GPT-2 blocks.
+
+    With an `unfreeze_schedule`, every part some phase trains starts trainable, so the
+    optimizer holds them all; UnfreezeSchedule then narrows it to the current phase."""
+    if parts is None:
+        phases = schedule_phases(config)
+        if phases:
+            parts = set().union(*(phase for _, _, phase in phases))
+        else:
+            parts = {p for p in PARTS if not getattr(config, f"freeze_{p}")}
+    blocks = frozen_blocks(model, config)
     for name, param in model.named_parameters():
         # Quantized (bitsandbytes int8 / packed 4-bit) weights cannot require gradients:
         # under QLoRA only the adapters and modules_to_save train.
-        param.requires_grad_(not frozen[model_part(name)] and param.is_floating_point())
+        trainable = model_part(name) in parts and param.is_floating_point()
+        if blocks and model_part(name) == "language" and gpt2_block(name) in blocks:
+            trainable = False
+        param.requires_grad_(trainable)
 
 
-def apply_lora(model, config: TrainConfig):
+class TimeLimit(TrainerCallback):
+    """Stops training after `max_train_seconds` (measured from this process's first step; the
+    learning-rate schedule still spans `steps`). The final model is saved as after `steps`."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.started: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        self.started = self.started or time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        if time.perf_counter() - self.started >= self.seconds:
+            control.should_training_stop = True
+            if is_main_process():
+                print(f"max_train_seconds={self.seconds:g} reached at step {state.global_step}", flush=True)
+
+
+class UnfreezeSchedule(TrainerCallback):
+    """Staged unfreezing (`unfreeze_schedule`): before each step, the parts of the phase the
+    step (or epoch) is in train and the others get no gradient. The optimizer was built
+    with every scheduled part (set_trainable), and torch optimizers skip parameters whose
+    gradient is None, so a part outside its phase is not updated, not even by weight decay.
+    A resumed run finds its phase from the restored step."""
+
+    def __init__(self, model, config: TrainConfig):
+        self.model = model
+        self.config = config
+        self.phases = schedule_phases(config)
+        self.current: set[str] | None = None
+
+    def phase_at(self, step: int, epoch: float) -> set[str]:
+        position = {"step": step, "epoch": epoch}
+        parts = self.phases[0][2]
+        for unit, at, phase_parts in self.phases:
+            if position[unit] + 1e-9 >= at:
+                parts = phase_parts
+        return parts
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        parts = self.phase_at(state.global_step, state.epoch or 0.0)
+        if parts != self.current:
+            set_trainable(self.model, self.config, parts)
+            if self.current is not None and is_main_process():
+                print(f"unfreeze_schedule: step {state.global_step}: training {sorted(parts)}", flush=True)
+            self.current = parts
+
+
+def apply_lora(model, config: TrainConfig, task_type: str | None = "CAUSAL_LM", extra_modules_to_save=()):
     """LoRA adapters on GPT-2's projections; the projector stays fully trainable.
+
+    The reward model passes task_type=None (it is no causal LM: no generation wrapper) and
+    its new head as an extra module trained and saved in full.
 
     The vision tower is frozen under LoRA unless explicitly trained (freeze_vision=false
     keeps it trainable as a whole module)."""
@@ -52,7 +183,7 @@ def apply_lora(model, config: TrainConfig):
     lora = config.lora
     if lora.quantize_bits:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    modules_to_save = [] if config.freeze_projector else ["multi_modal_projector"]
+    modules_to_save = ([] if config.freeze_projector else ["multi_modal_projector"]) + list(extra_modules_to_save)
     if not config.freeze_vision:
         modules_to_save.append("vision_tower")
     peft_config = PeftLoraConfig(
@@ -64,7 +195,7 @@ def apply_lora(model, config: TrainConfig):
         target_modules=r".*language_model.*\.(" + "|".join(lora.target_modules) + r")$",
         modules_to_save=modules_to_save or None,
         fan_in_fan_out=True,  # GPT-2 uses Conv1D (weights stored transposed)
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return get_peft_model(model, peft_config)
 
@@ -94,6 +225,12 @@ class VLMTrainer(Trainer):
     def __init__(self, *args, part_lrs: dict[str, float], **kwargs):
         self.part_lrs = part_lrs
         super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if IMAGE_FEATURES in inputs:  # cached vision features: projected here, merged by Llava
+            inputs = dict(inputs)
+            inputs.update(image_inputs(model, inputs.pop(IMAGE_FEATURES), IMAGE_FEATURES))
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -158,6 +295,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, seed: int, **overr
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps,
         lr_scheduler_type=config.schedule,
+        optim=getattr(config, "optim", "adamw_torch"),
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -244,11 +382,77 @@ def merge_adapter(model):
     base = model.get_base_model()
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
         from peft import PeftModel
-        from transformers import LlavaForConditionalGeneration
+        from vlm.projectors import class_for_saved
         import tempfile
 
         with tempfile.TemporaryDirectory() as adapter_dir:
             model.save_pretrained(adapter_dir)
-            full = LlavaForConditionalGeneration.from_pretrained(base.name_or_path, dtype=torch.float32)
+            full = class_for_saved(base.name_or_path).from_pretrained(base.name_or_path, dtype=torch.float32)
             return PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
     return model.merge_and_unload()
+
+
+# --- one training run of a stage: model preparation, trainer, resume, final save -------------
+
+def prepare_for_training(model, processor, config: TrainConfig, base_dir: Path | None, work_dir: Path,
+                         section: str):
+    """QLoRA (re-load quantized), freezing and LoRA, as a stage's TrainConfig says.
+
+    `base_dir` is where the model's weights are on disk (None: built fresh in memory);
+    quantization happens at load, so a fresh model is first saved to <work_dir>/base-model."""
+    bits = config.lora.quantize_bits
+    if bits:
+        if not config.lora.enabled:
+            raise ValueError(f"{section}.lora.quantize_bits needs {section}.lora.enabled=true (QLoRA)")
+        if base_dir is None:
+            base_dir = work_dir / "base-model"
+            if is_main_process() and not (base_dir / "config.json").is_file():
+                model.save_pretrained(base_dir)
+                processor.save_pretrained(base_dir)
+        from vlm.projectors import class_for_saved  # stock Llava or a vlm/projectors.py type
+
+        model = class_for_saved(base_dir).from_pretrained(
+            base_dir, quantization_config=quantization_config(bits), dtype=torch.float32
+        )
+    set_trainable(model, config)
+    if config.lora.enabled:
+        model = apply_lora(model, config)
+    return model
+
+
+def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path, seed: int,
+                  callbacks=()) -> VLMTrainer:
+    """The HF Trainer of a stage: checkpoints in <work_dir>/checkpoints, per-part learning rates."""
+    from vlm.data import VLMCollator
+
+    if schedule_phases(config):
+        callbacks = [UnfreezeSchedule(model, config), *callbacks]
+    if getattr(config, "max_train_seconds", None):
+        callbacks = [*callbacks, TimeLimit(config.max_train_seconds)]
+    return VLMTrainer(
+        model=model,
+        args=training_arguments(config, work_dir / "checkpoints", seed),
+        train_dataset=dataset,
+        data_collator=VLMCollator(processor.tokenizer.pad_token_id),
+        callbacks=list(callbacks),
+        part_lrs=part_learning_rates(config),
+    )
+
+
+def train_and_save(trainer: VLMTrainer, processor, config: TrainConfig, work_dir: Path, run_config: dict,
+                   stage: str):
+    """Trains (from the newest complete checkpoint when `config.resume`), then saves
+    <work_dir>/final. Returns (TrainOutput, seconds of training, final dir)."""
+    import time
+
+    resume_from = last_complete_checkpoint(work_dir / "checkpoints") if config.resume else None
+    if resume_from and is_main_process():
+        print(f"{stage}: resuming from {resume_from}", flush=True)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    final_dir = work_dir / "final"
+    with gathered_parameters(trainer):  # ZeRO-3: every rank takes part in gathering the weights
+        if trainer.is_world_process_zero():
+            save_final(trainer.model, processor, final_dir, run_config)
+    return result, seconds, final_dir

@@ -1,0 +1,116 @@
+"""PPO throughput: rollout and update samples/s of the image-aware PPO trainer (stages/ppo.py).
+
+    vqa-rlhf bench-ppo [--models default,gpt2-124m] [--updates 3] [--threads N]
+
+For each model (built from configs, random weights, no downloads; the shapes of
+bench/sft_throughput.py) it builds the policy, a reference copy, and a reward and a
+value model on the same backbone, then times the two halves of a PPO update:
+  rollout: sampling ppo.max_new_tokens tokens with the image, then the policy,
+           reference, value and reward forwards over prompt + answer;
+  update:  advantages and ppo_epochs x mini_batches policy+value forward/backward/AdamW.
+Random weights rarely emit EOS, so every answer runs to the token limit: the worst case.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench.sft_throughput import MODELS, build
+
+
+class _TokenIds:
+    """What the trainer needs of a tokenizer here: the pad / EOS id (GPT-2: the same)."""
+    pad_token_id = eos_token_id = 0
+
+
+def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int):
+    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+
+    from rewards.reward_model import RewardModel, RewardModelConfig
+    from stages.ppo import PromptCollator, VisionPPOTrainer
+
+    torch.manual_seed(0)
+    policy = build(bench)
+    config = policy.config
+    reward = RewardModel(RewardModelConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"}))
+    value = copy.deepcopy(reward)
+    ref = copy.deepcopy(policy).eval()
+    size = config.vision_config.image_size
+    prompt = lambda: ([5, 6, 7] + [config.image_token_index] * config.image_seq_length
+                      + torch.randint(10, bench.vocab_size - 2, (bench.text_tokens - 6,)).tolist())
+    dataset = [{"input_ids": prompt(), "pixel_values": torch.randn(3, size, size), "answers": []}
+               for _ in range(batch_size)]
+    args = TRLPPOConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, num_mini_batches=mini_batches,
+        num_ppo_epochs=ppo_epochs, total_episodes=batch_size * 1000, response_length=max_new_tokens,
+        stop_token="eos", local_rollout_forward_batch_size=batch_size, report_to=[], save_strategy="no",
+        use_cpu=not torch.cuda.is_available(), bf16=False, num_sample_generations=0, disable_tqdm=True,
+    )
+    return VisionPPOTrainer(
+        args=args, processing_class=_TokenIds(), model=policy, ref_model=ref, reward_model=reward,
+        value_model=value, train_dataset=dataset, eval_dataset=dataset, data_collator=PromptCollator(0),
+        image_token_id=config.image_token_index, max_grad_norm=1.0,
+    )
+
+
+def bench_model(bench, updates: int, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int) -> dict:
+    trainer = build_trainer(bench, batch_size, max_new_tokens, ppo_epochs, mini_batches)
+    batch = next(iter(trainer.dataloader))
+    rollout_s, update_s = [], []
+    for i in range(updates + 1):  # the first update warms up
+        torch.manual_seed(i)
+        start = time.perf_counter()
+        rollout = trainer.rollout(batch)
+        middle = time.perf_counter()
+        with torch.no_grad():
+            advantages, returns, values, _, _ = trainer.advantages(rollout)
+        trainer.ppo_update(rollout, advantages, returns, values, i)
+        end = time.perf_counter()
+        if i:
+            rollout_s.append(middle - start)
+            update_s.append(end - middle)
+    rollout_t, update_t = sorted(rollout_s)[len(rollout_s) // 2], sorted(update_s)[len(update_s) // 2]
+    return {"model": bench.name, "batch": batch_size, "prompt": batch["input_ids"].shape[1],
+            "answer_tokens": int(rollout["response_mask"].sum(1).float().mean()),
+            "rollout_s": rollout_t, "update_s": update_t, "rollout_sps": batch_size / rollout_t,
+            "update_sps": batch_size / update_t, "total_sps": batch_size / (rollout_t + update_t)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench-ppo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="default,gpt2-124m", help=f"comma-separated, of {','.join(MODELS)}")
+    parser.add_argument("--updates", type=int, default=3, help="timed updates per model (after one warm-up)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rollouts per update (default: 64 for default, 8 for gpt2-124m)")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--ppo-epochs", type=int, default=2)
+    parser.add_argument("--mini-batches", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"PPO, {args.max_new_tokens} new tokens, {args.ppo_epochs} epochs x {args.mini_batches} minibatches, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'model':<22}{'batch':>6}{'prompt':>7}{'answer':>7}{'rollout s':>10}{'update s':>9}"
+          f"{'rollout/s':>10}{'update/s':>9}{'samples/s':>10}")
+    for name in names:
+        batch_size = args.batch_size or (64 if name == "default" else 8)
+        r = bench_model(MODELS[name], args.updates, batch_size, args.max_new_tokens, args.ppo_epochs, args.mini_batches)
+        print(f"{r['model']:<22}{r['batch']:>6}{r['prompt']:>7}{r['answer_tokens']:>7}{r['rollout_s']:>10.3f}"
+              f"{r['update_s']:>9.3f}{r['rollout_sps']:>10.1f}{r['update_sps']:>9.1f}{r['total_sps']:>10.1f}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Reward model training on exported correct / incorrect labels.
+
+pointwise (default): BCE of the reward (a logit) against the label.
+pairwise: a correct and an incorrect answer to the same question about the same
+image, -logsigmoid(r_correct - r_incorrect) (Bradley-Terry, as TRL's RewardTrainer,
+which is text-only and so cannot be used here).
+
+Each example is the VQA prompt with its image + " answer" + EOS, encoded as SFT
+encodes it (vlm.data.encode_example), so the reward reads the state after the EOS
+that the policy emits to end its answer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vlm.config import RewardTrainConfig
+from vlm.data import ImageCache, encode_example, vqa_prompt
+from vlm.train import VLMTrainer
+
+
+def encode_rows(rows: list[dict], tokenizer, images: ImageCache, prompt_template: str, answer_template: str,
+                image_seq_length: int, max_length: int) -> list[dict]:
+    """Token ids + pixels of (image, question, answer) rows; a row that does not fit is an error naming it."""
+    encoded = []
+    for row in rows:
+        try:
+            ids = encode_example(tokenizer, vqa_prompt(prompt_template, row["question"]),
+                                 answer_template.format(answer=row["answer"].strip()),
+                                 image_seq_length, max_length).input_ids
+        except ValueError as exc:
+            raise ValueError(f"label sample_id {row.get('sample_id')} (question {row['question_id']}): {exc}") from None
+        encoded.append({"input_ids": ids, "pixel_values": images(row["image"]), "target": float(row["target"])})
+    return encoded
+
+
+def pad_rows(items: list[dict], pad_token_id: int) -> dict:
+    """Right padding; the mask (not the token id) says where each row ends."""
+    width = max(len(item["input_ids"]) for item in items)
+    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        input_ids[row, :len(item["input_ids"])] = torch.tensor(item["input_ids"])
+        attention_mask[row, :len(item["input_ids"])] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "pixel_values": torch.stack([item["pixel_values"] for item in items])}
+
+
+@dataclass
+class PointwiseCollator:
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = pad_rows(items, self.pad_token_id)
+        batch["targets"] = torch.tensor([item["target"] for item in items])
+        return batch
+
+
+@dataclass
+class PairwiseCollator:
+    """Items are (correct, incorrect) pairs: the batch holds all correct rows, then all incorrect ones."""
+    pad_token_id: int
+
+    def __call__(self, pairs: list[tuple[dict, dict]]) -> dict:
+        return pad_rows([good for good, _ in pairs] + [bad for _, bad in pairs], self.pad_token_id)
+
+
+def pointwise_loss(rewards: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(rewards, targets.to(rewards.dtype))
+
+
+def pairwise_loss(rewards: torch.Tensor) -> torch.Tensor:
+    correct, incorrect = rewards.chunk(2)
+    return -F.logsigmoid(correct - incorrect).mean()
+
+
+class RewardTrainer(VLMTrainer):
+    """VLMTrainer (per-part learning rates, checkpoint loading) with the reward losses."""
+
+    def __init__(self, *args, objective: str, **kwargs):
+        self.objective = objective
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = inputs.pop("targets", None)
+        rewards = model(**inputs)
+        loss = pairwise_loss(rewards) if self.objective == "pairwise" else pointwise_loss(rewards, targets)
+        return (loss, rewards) if return_outputs else loss
+
+
+@torch.no_grad()
+def score(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128) -> list[float]:
+    """Rewards of encoded rows, in order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = pad_rows(encoded[start:start + batch_size], pad_token_id)
+        out += model(**{k: v.to(device) for k, v in batch.items()}).float().cpu().tolist()
+    model.train(was_training)
+    return out
+
+
+def check_objective(config: RewardTrainConfig, train_rows: list[dict]) -> None:
+    if config.objective == "pairwise":
+        from rewards.labels_io import pairs_by_question
+
+        if not pairs_by_question(train_rows):
+            raise ValueError("rm.objective=pairwise needs questions with both a correct and an incorrect "
+                             "labelled answer; the labels have none (use rm.objective=pointwise)")
+    if {r["target"] for r in train_rows} != {0, 1}:
+        # Not an error (a smoke run's barely trained model gets everything wrong), but worth saying loudly.
+        print(f"rm: WARNING: all {len(train_rows)} training labels are "
+              f"{'correct' if train_rows[0]['target'] else 'incorrect'}: the reward model can only learn a constant",
+              flush=True)

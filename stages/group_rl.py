@@ -1,0 +1,128 @@
+"""GRPO and RLOO (trl 1.12) against the same multimodal reward model: `vqa-rlhf ppo ppo.algo=grpo|rloo`.
+
+Both trainers in trl 1.12 take vision-language models natively: a conversational
+`prompt` with an image part plus an `image` column; the processor (our LlavaProcessor
+with its chat template) expands `<image>` and the trainer passes pixel_values to
+generation and to every log-prob forward. What they do not have is a reward that
+sees the image: the reward here is a function that re-encodes each (image, question,
+answer) exactly as the reward model was trained on it and reads the reward model.
+No critic: group-relative (GRPO) or leave-one-out (RLOO) baselines over
+ppo.num_generations answers per question. `<image>` is suppressed in generation.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from vlm.config import RunConfig, to_dict
+from vlm.data import check_vqa_record, encode_example, load_rgb, load_split, vqa_prompt
+from vlm.model import load_model
+from vlm.train import save_final
+from vlm.vqa_metric import vqa_accuracy
+from rewards.reward_model import RewardModel
+from rewards.train_rm import pad_rows
+from stages.common import write_json
+
+
+class ImageRewardFunction:
+    """trl reward function: (prompts, completions, image, question, answers) -> reward-model scores."""
+
+    __name__ = "reward_model"  # trl names the reward metric after the function
+
+    def __init__(self, reward_model: RewardModel, processor, config: RunConfig):
+        self.reward_model = reward_model.eval()
+        self.processor = processor
+        self.config = config
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, image, question, answers, log_metric=None, **kwargs) -> list[float]:
+        data, tokenizer = self.config.data, self.processor.tokenizer
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        texts = [t.strip() or "?" for t in texts]  # an empty answer still gets scored (low)
+        pixels = self.processor.image_processor(images=list(image), return_tensors="pt")["pixel_values"]
+        rows = [{"input_ids": encode_example(tokenizer, vqa_prompt(data.prompt_template, q),
+                                             data.answer_template.format(answer=t),
+                                             self.reward_model.config.image_seq_length, 10_000).input_ids,
+                 "pixel_values": p} for q, t, p in zip(question, texts, pixels)]
+        device = next(self.reward_model.parameters()).device
+        batch = {k: v.to(device) for k, v in pad_rows(rows, tokenizer.pad_token_id).items()}
+        scores = self.reward_model(**batch).float().cpu().tolist()
+        if log_metric is not None:  # the reward-hacking alarm: the official metric on the same rollouts
+            log_metric("rollout_vqa_accuracy", 100 * sum(vqa_accuracy(t, a) for t, a in zip(texts, answers)) / len(texts))
+        return scores
+
+
+def prompt_dataset(config: RunConfig):
+    from datasets import Dataset
+
+    records = [r for r in load_split(config.data_dir, "vqa", config.data.train_split) if check_vqa_record(r) is None]
+    if config.ppo.max_prompts:
+        records = records[:config.ppo.max_prompts]
+    return Dataset.from_list([{
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"].strip()}]}],
+        "image": load_rgb(config.data_dir / r["image"]), "question": r["question"], "answers": list(r["answers"]),
+    } for r in records])
+
+
+def train(config: RunConfig) -> dict:
+    ppo = config.ppo
+    work_dir = config.run_dir / "ppo"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    policy_dir = Path(ppo.policy or config.run_dir / "sft" / "final")
+    reward_dir = Path(ppo.reward_model or config.run_dir / "rm" / "final")
+    policy, processor = load_model(policy_dir)
+    processor.tokenizer.padding_side = "left"  # trl pads prompts on the left for generation
+    reward_model = RewardModel.from_pretrained(reward_dir, dtype=torch.float32)
+    for param in reward_model.parameters():
+        param.requires_grad_(False)
+    if ppo.algo == "grpo":
+        from trl import GRPOConfig as AlgoConfig, GRPOTrainer as AlgoTrainer
+    else:
+        from trl import RLOOConfig as AlgoConfig, RLOOTrainer as AlgoTrainer
+    common = dict(
+        output_dir=str(work_dir / "checkpoints"), per_device_train_batch_size=ppo.batch_size,
+        num_generations=ppo.num_generations, max_completion_length=ppo.max_new_tokens, learning_rate=ppo.lr,
+        max_steps=ppo.steps, beta=ppo.kl_coef, temperature=ppo.temperature, logging_steps=1,
+        save_steps=ppo.save_steps or ppo.steps, report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+        seed=config.seed, deepspeed=ppo.deepspeed, max_grad_norm=ppo.max_grad_norm, remove_unused_columns=False,
+        generation_kwargs={"suppress_tokens": [policy.config.image_token_index]}, num_iterations=ppo.ppo_epochs,
+    )
+    peft_config = None
+    if ppo.lora.enabled:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=ppo.lora.r, lora_alpha=ppo.lora.alpha, lora_dropout=ppo.lora.dropout,
+                                 target_modules=r".*language_model.*\.(" + "|".join(ppo.lora.target_modules) + r")$",
+                                 fan_in_fan_out=True, task_type="CAUSAL_LM")
+    trainer = AlgoTrainer(model=policy, reward_funcs=[ImageRewardFunction(reward_model, processor, config)],
+                          args=AlgoConfig(**common), train_dataset=prompt_dataset(config), processing_class=processor,
+                          peft_config=peft_config)
+    from vlm.train import last_complete_checkpoint
+
+    resume_from = last_complete_checkpoint(work_dir / "checkpoints") if ppo.resume else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    metrics: dict = {}
+    if trainer.accelerator.is_main_process:
+        log = [e for e in trainer.state.log_history if "reward" in e]
+        with open(work_dir / "log.jsonl", "w") as f:
+            for e in log:
+                f.write(json.dumps({"step": e["step"], "mean_reward": e["reward"], "kl": e.get("kl", 0.0),
+                                    "response_length": e.get("completions/mean_length"),
+                                    "entropy": e.get("entropy"),
+                                    "rollout_vqa_accuracy": e.get("rollout_vqa_accuracy")}) + "\n")
+        tail = log[-max(1, len(log) // 10):] or [{"reward": float("nan")}]
+        processor.tokenizer.padding_side = "right"
+        save_final(trainer.accelerator.unwrap_model(trainer.model), processor, work_dir / "final", to_dict(config))
+        metrics = {"algo": ppo.algo, "updates": trainer.state.global_step,
+                   "world_size": trainer.accelerator.num_processes, "seconds": round(seconds, 2),
+                   "policy": str(policy_dir), "reward_model": str(reward_dir),
+                   "mean_reward": round(sum(e["reward"] for e in tail) / len(tail), 4),
+                   "kl": round(sum(e.get("kl", 0.0) for e in tail) / len(tail), 4),
+                   "checkpoint": str(work_dir / "final")}
+        write_json(work_dir / "metrics.json", metrics)
+    return metrics

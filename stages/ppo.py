@@ -1,0 +1,559 @@
+"""RLHF: PPO of the SFT policy against the multimodal reward model, with the image in every forward.
+
+    vqa-rlhf ppo configs/default.yaml [key=value ...]
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m stages.ppo configs/default.yaml   # 2 CPU ranks
+    accelerate launch --config_file configs/accelerate/zero2.yaml -m stages.ppo configs/default.yaml
+
+setup: policy = <run>/sft/final (full or LoRA: then the reference is the policy with the
+       adapter disabled, else a frozen copy); reward model = <run>/rm/final; value model =
+       a copy of the reward model; queries = train-split VQA prompts with their images
+train: trl 1.12 `trl.experimental.ppo.PPOTrainer`, subclassed (VisionPPOTrainer) so that
+       pixel_values reach rollout generation, the policy / reference log-probs, the value
+       and reward forwards and every PPO minibatch step; checkpoints every ppo.save_steps,
+       resume after a kill; held-out VQA accuracy every ppo.eval_steps
+log:   <run>/ppo/log.jsonl every update: mean reward, KL, response length, entropy, and the
+       rollouts' official VQA accuracy with its agreement with the reward model (a rise in
+       reward with a fall in VQA accuracy is reward hacking)
+save:  <run>/ppo/final (stock-loadable Llava), <run>/ppo/value_model, <run>/ppo/metrics.json
+       with greedy test-split VQA accuracy before (the SFT policy) and after
+
+With N processes the N ranks share each update's rollouts (ppo.batch_size per rank), so
+ppo.steps updates of one process become ppo.steps / N updates of N times the rollouts.
+On a CPU box set ACCELERATE_USE_CPU=true under torchrun: trl's PPOTrainer builds its own
+Accelerator(), which otherwise runs every rank alone.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, set_seed
+from trl.experimental.ppo import PPOConfig as TRLPPOConfig, PPOTrainer
+from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import selective_log_softmax
+
+from vlm.config import RunConfig, to_dict
+from vlm.data import ImageCache, check_vqa_record, load_split, prompt_ids, vqa_prompt
+from vlm.generate import answer_questions
+from vlm.model import load_model
+from vlm.train import apply_lora, save_final, set_trainable
+from vlm.vqa_metric import score_records, vqa_accuracy
+from rewards.reward_model import RewardModel, position_ids_from_mask
+from stages.common import config_from_args, stage_parser, write_json
+
+
+# ---------------------------------------------------------------- queries
+
+class PromptDataset(torch.utils.data.Dataset):
+    """VQA prompts (image placeholder expanded) with their image and ground truth."""
+
+    def __init__(self, records, tokenizer, images: ImageCache, template: str, image_seq_length: int):
+        self.items = [
+            {"input_ids": prompt_ids(tokenizer, vqa_prompt(template, r["question"]), image_seq_length),
+             "pixel_values": images(r["image"]), "answers": list(r["answers"])}
+            for r in records
+        ]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+@dataclass
+class PromptCollator:
+    """Left padding, so every row's answer starts at the same column; the mask marks the padding."""
+    pad_token_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        width = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            input_ids[row, width - len(item["input_ids"]):] = torch.tensor(item["input_ids"])
+            attention_mask[row, width - len(item["input_ids"]):] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+                "answers": [item["answers"] for item in items]}
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on each response's tokens up to and including its first EOS, 0 after.
+
+    GPT-2 pads with EOS, so padding is told from the answer's own EOS by position, not id."""
+    is_eos = (responses == eos_token_id).long()
+    eos_before = is_eos.cumsum(1) - is_eos  # EOS tokens strictly before this position
+    return (eos_before == 0).long()
+
+
+# ---------------------------------------------------------------- the trainer
+
+class VisionPPOTrainer(PPOTrainer):
+    """trl 1.12's PPOTrainer with images.
+
+    Upstream's train() passes only input_ids to the models and derives attention masks
+    from `ids != pad_token_id`. Here the loop is the same algorithm (rollout -> KL-shaped
+    rewards -> GAE -> clipped policy and value losses over minibatches, the same config
+    fields and the same metric names), with these differences:
+      * pixel_values go into generation, the policy / reference / value / reward forwards
+        and the minibatch update (through upstream's PolicyAndValueWrapper, so DDP and
+        DeepSpeed see one module);
+      * attention masks come from the collator (left padding) and from the first EOS of
+        each response, never from the pad id: GPT-2's pad is its EOS, and the EOS that ends
+        an answer is part of the action and is what the reward model reads;
+      * `<image>` is suppressed in generation and its logit is masked the same way in every
+        log-prob, so the ratio and the KL are over the distribution that was sampled;
+      * gradient clipping (ppo max_grad_norm), checkpoints with resume (a resumed run
+        reseeds per update and ends where an uninterrupted run ends), and a per-update hook
+        for the reward-hacking alarm and held-out evaluation.
+    """
+
+    def __init__(self, *args, image_token_id: int, max_grad_norm: float, on_update=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_token_id = image_token_id
+        self.max_grad_norm = max_grad_norm
+        self.on_update = on_update  # (trainer, update, rollout, metrics) -> None; may add to metrics
+        self.start_update = 0
+
+    # -- forwards, all with the image
+
+    def _suppressed(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits as generation saw them: temperature applied, `<image>` impossible."""
+        logits = logits / (self.args.temperature + 1e-7)
+        logits[..., self.image_token_id] = torch.finfo(logits.dtype).min
+        return logits
+
+    def _logprobs(self, policy, seq, mask, pixel_values, context_length, responses):
+        out = policy(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                     pixel_values=pixel_values, use_cache=False)
+        return selective_log_softmax(self._suppressed(out.logits[:, context_length - 1:-1]), responses)
+
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> dict:
+        args, accelerator = self.args, self.accelerator
+        device = accelerator.device
+        queries = batch["input_ids"].to(device)
+        query_mask = batch["attention_mask"].to(device)
+        pixel_values = batch["pixel_values"].to(device)
+        context_length = queries.shape[1]
+        tokenizer = self.processing_class
+        generation_config = GenerationConfig(
+            max_new_tokens=args.response_length, do_sample=True, temperature=args.temperature + 1e-7, top_k=0,
+            top_p=1.0, suppress_tokens=[self.image_token_id], eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        with unwrap_model_for_generation(self.model, accelerator,
+                                         gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
+            generated = unwrapped.policy.generate(input_ids=queries, attention_mask=query_mask,
+                                                  pixel_values=pixel_values, generation_config=generation_config)
+        responses = generated[:, context_length:]
+        if (responses == self.image_token_id).any():
+            raise RuntimeError("PPO rollout sampled <image> although it is suppressed")
+        mask_r = response_mask(responses, tokenizer.eos_token_id)
+        responses = responses.masked_fill(mask_r == 0, tokenizer.pad_token_id)
+        seq = torch.cat([queries, responses], 1)
+        mask = torch.cat([query_mask, mask_r], 1)
+        wrapper = accelerator.unwrap_model(self.model)
+        logprobs = self._logprobs(wrapper.policy, seq, mask, pixel_values, context_length, responses)
+        if self.ref_model is None:  # LoRA: the reference is the policy with its adapter disabled
+            with self.null_ref_context():
+                ref_logprobs = self._logprobs(wrapper.policy, seq, mask, pixel_values, context_length, responses)
+        else:
+            ref_logprobs = self._logprobs(self.ref_model, seq, mask, pixel_values, context_length, responses)
+        values = wrapper.value_model.token_values(seq, mask, pixel_values)[:, context_length - 1:-1]
+        scores = self.reward_model(seq, mask, pixel_values)  # read at each row's last real token
+        has_eos = ((responses == tokenizer.eos_token_id) & mask_r.bool()).any(1)
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~has_eos).float()
+        return {"queries": queries, "seq": seq, "mask": mask, "pixel_values": pixel_values,
+                "responses": responses, "response_mask": mask_r, "logprobs": logprobs,
+                "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
+                "context_length": context_length, "answers": batch["answers"]}
+
+    def advantages(self, r: dict):
+        """Per-token rewards (KL penalty + the score on the last token), GAE advantages and returns."""
+        args = self.args
+        valid = r["response_mask"].bool()
+        logr = (r["ref_logprobs"] - r["logprobs"]).masked_fill(~valid, 0.0)
+        kl = -logr if args.kl_estimator == "k1" else (logr.exp() - 1) - logr
+        non_score_reward = -args.kl_coef * kl
+        rewards = non_score_reward.clone()
+        last = r["response_mask"].sum(1) - 1
+        rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += r["scores"]
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, valid, shift_mean=False).masked_fill(~valid, 0)
+        values = r["values"].masked_fill(~valid, 0.0)
+        lastgaelam, reversed_adv = 0.0, []
+        length = rewards.shape[1]
+        for t in reversed(range(length)):
+            next_values = values[:, t + 1] if t < length - 1 else 0.0
+            delta = rewards[:, t] + args.gamma * next_values - values[:, t]
+            lastgaelam = delta + args.gamma * args.lam * lastgaelam
+            reversed_adv.append(lastgaelam)
+        advantages = torch.stack(reversed_adv[::-1], 1)
+        returns = advantages + values
+        advantages = masked_whiten(advantages, valid).masked_fill(~valid, 0)
+        return advantages, returns, values, kl, non_score_reward
+
+    def ppo_update(self, r: dict, advantages, returns, values, update: int) -> dict:
+        args, accelerator = self.args, self.accelerator
+        stats = {k: [] for k in ("approxkl", "clipfrac", "pg_loss", "vf_loss", "vf_clipfrac", "entropy", "ratio")}
+        n = r["seq"].shape[0]
+        generator = torch.Generator().manual_seed(self.args.seed * 7919 + update)
+        context_length = r["context_length"]
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, args.local_mini_batch_size):
+                idx = order[start:start + args.local_mini_batch_size].to(r["seq"].device)
+                valid = r["response_mask"][idx].bool()
+                seq, mask = r["seq"][idx], r["mask"][idx]
+                # One call through the (DDP / DeepSpeed) wrapper: policy logits + value per token, both with pixels.
+                output, vpred_all = self.model(
+                    input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    pixel_values=r["pixel_values"][idx], output_hidden_states=True, return_dict=True, use_cache=False,
+                )
+                logits = self._suppressed(output.logits[:, context_length - 1:-1])
+                new_logprobs = selective_log_softmax(logits, r["responses"][idx])
+                vpred = vpred_all[:, context_length - 1:-1].squeeze(-1).masked_fill(~valid, 0)
+                vpred_clipped = torch.clamp(vpred, values[idx] - args.cliprange_value, values[idx] + args.cliprange_value)
+                vf_losses = torch.max((vpred - returns[idx]) ** 2, (vpred_clipped - returns[idx]) ** 2)
+                vf_loss = 0.5 * masked_mean(vf_losses, valid)
+                logratio = (new_logprobs - r["logprobs"][idx]).masked_fill(~valid, 0)
+                ratio = logratio.exp()
+                pg_losses = -advantages[idx] * ratio
+                pg_losses_clipped = -advantages[idx] * torch.clamp(ratio, 1 - args.cliprange, 1 + args.cliprange)
+                pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), valid)
+                loss = pg_loss + args.vf_coef * vf_loss
+                accelerator.backward(loss)
+                if self.max_grad_norm:
+                    accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+                with torch.no_grad():
+                    probs = torch.softmax(logits, -1)
+                    entropy = torch.logsumexp(logits, -1) - (probs * logits).sum(-1)
+                    stats["approxkl"].append(0.5 * masked_mean(logratio ** 2, valid))
+                    stats["clipfrac"].append(masked_mean((pg_losses_clipped > pg_losses).float(), valid))
+                    stats["pg_loss"].append(pg_loss.detach())
+                    stats["vf_loss"].append(vf_loss.detach())
+                    stats["vf_clipfrac"].append(masked_mean(((vpred_clipped - returns[idx]) ** 2 >
+                                                             (vpred - returns[idx]) ** 2).float(), valid))
+                    stats["entropy"].append(masked_mean(entropy, valid))
+                    stats["ratio"].append(masked_mean(ratio, valid))
+        return {k: accelerator.gather_for_metrics(torch.stack(v)).mean().item() for k, v in stats.items()}
+
+    def _batches(self):
+        """The dataloader repeated; reseeded at the start so a resumed run sees the same order."""
+        torch.manual_seed(self.args.seed)
+        while True:
+            yield from self.dataloader
+
+    def train(self):
+        args, accelerator = self.args, self.accelerator
+        self.model.train()
+        self.state.max_steps = args.num_total_batches
+        self.state.global_step = self.start_update
+        self.state.episode = self.start_update * args.batch_size
+        batches = self._batches()
+        for _ in range(self.start_update):  # skip what a resumed run already trained on
+            next(batches)
+        started = time.time()
+        self.control = self.callback_handler.on_train_begin(args, self.state, self.control)  # progress bar
+        for update in range(self.start_update, args.num_total_batches):
+            torch.manual_seed(self.local_seed + update)  # sampling draws the same after a resume
+            rollout = self.rollout(next(batches))
+            with torch.no_grad():
+                advantages, returns, values, kl, non_score_reward = self.advantages(rollout)
+            stats = self.ppo_update(rollout, advantages, returns, values, update)
+            self.lr_scheduler.step()
+            self.state.global_step = update + 1
+            self.state.episode += args.batch_size
+            gather = lambda t: accelerator.gather_for_metrics(t).float().mean().item()
+            metrics = {
+                "step": update + 1,
+                "mean_reward": gather(rollout["scores"]),
+                "kl": gather(kl.sum(1)),
+                "non_score_reward": gather(non_score_reward.sum(1)),
+                "response_length": gather(rollout["response_mask"].sum(1).float()),
+                "rollout_entropy": gather(-(rollout["logprobs"] * rollout["response_mask"]).sum(1)),
+                "entropy": stats["entropy"],
+                "approxkl": stats["approxkl"], "clipfrac": stats["clipfrac"], "pg_loss": stats["pg_loss"],
+                "vf_loss": stats["vf_loss"], "ratio": stats["ratio"],
+                "lr": self.lr_scheduler.get_last_lr()[0],
+                "seconds": round(time.time() - started, 2),
+            }
+            if self.on_update is not None:
+                self.on_update(self, update + 1, rollout, metrics)
+            self.log({k: v for k, v in metrics.items() if k != "step"})
+            self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+        self.control = self.callback_handler.on_train_end(args, self.state, self.control)
+
+
+# ---------------------------------------------------------------- the stage
+
+class PPORun:
+    """Wires the stage: paths, models, logging, evaluation, checkpoints."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.work_dir = config.run_dir / "ppo"
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.policy_dir = Path(config.ppo.policy or config.run_dir / "sft" / "final")
+        self.reward_dir = Path(config.ppo.reward_model or config.run_dir / "rm" / "final")
+        self.log_path = self.work_dir / "log.jsonl"
+        self.checkpoints = self.work_dir / "checkpoints"
+        self.reward_threshold = self._reward_threshold()
+
+    def _reward_threshold(self) -> float:
+        """The RM's cut between correct and incorrect (fitted on its training labels), for the alarm."""
+        for path in (self.reward_dir.parent / "metrics.json", self.reward_dir / "metrics.json"):
+            if path.is_file():
+                return float(json.loads(path.read_text()).get("threshold", 0.0))
+        return 0.0
+
+    def build(self):
+        cfg, ppo = self.config, self.config.ppo
+        for path, what in ((self.policy_dir, "policy (ppo.policy)"), (self.reward_dir, "reward model (ppo.reward_model)")):
+            if not (path / "config.json").is_file():
+                raise SystemExit(f"error: no {what} at {path}: run the earlier stages first")
+        policy, processor = load_model(self.policy_dir)
+        tokenizer = processor.tokenizer
+        reward_model = RewardModel.from_pretrained(self.reward_dir, dtype=torch.float32).eval()
+        value_model = copy.deepcopy(reward_model).train()  # the critic starts as the reward model
+        for param in reward_model.parameters():
+            param.requires_grad_(False)
+        set_trainable(policy, _trainable_parts(ppo))
+        set_trainable(value_model, _trainable_parts(ppo))
+        for model in (policy, value_model):
+            # Llava reads the vision tower's hidden states before its post_layernorm: a weight that gets
+            # no gradient, which DDP (several ranks) refuses unless it is frozen.
+            for name, param in model.named_parameters():
+                if "vision_tower" in name and "post_layernorm" in name:
+                    param.requires_grad_(False)
+        ref_model = None
+        if ppo.lora.enabled:
+            policy = apply_lora(policy, _trainable_parts(ppo))
+        else:
+            ref_model = copy.deepcopy(policy).eval()
+            for param in ref_model.parameters():
+                param.requires_grad_(False)
+        self.processor = processor
+        self.images = ImageCache(processor.image_processor, cfg.data_dir)
+        train_records = [r for r in load_split(cfg.data_dir, "vqa", cfg.data.train_split) if check_vqa_record(r) is None]
+        if ppo.max_prompts:
+            train_records = train_records[:ppo.max_prompts]
+        dataset = PromptDataset(train_records, tokenizer, self.images, cfg.data.prompt_template,
+                                policy.config.image_seq_length)
+        val = load_split(cfg.data_dir, "vqa", cfg.data.val_split)
+        self.val_records = [val[i] for i in range(min(ppo.eval_samples, len(val)))]
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        args = TRLPPOConfig(
+            output_dir=str(self.checkpoints), per_device_train_batch_size=ppo.batch_size,
+            gradient_accumulation_steps=1, num_mini_batches=ppo.mini_batches, num_ppo_epochs=ppo.ppo_epochs,
+            # ppo.steps updates on one process; N ranks share the episodes: steps / N updates
+            total_episodes=ppo.steps * ppo.batch_size, local_rollout_forward_batch_size=ppo.batch_size,
+            learning_rate=ppo.lr, weight_decay=ppo.weight_decay, warmup_steps=ppo.warmup_steps,
+            lr_scheduler_type="linear", response_length=ppo.max_new_tokens, stop_token="eos",
+            temperature=ppo.temperature, missing_eos_penalty=ppo.missing_eos_penalty, kl_coef=ppo.kl_coef,
+            kl_estimator=ppo.kl_estimator, cliprange=ppo.cliprange, cliprange_value=ppo.cliprange_value,
+            vf_coef=ppo.vf_coef, gamma=ppo.gamma, lam=ppo.lam, whiten_rewards=ppo.whiten_rewards,
+            num_sample_generations=0, save_strategy="no", report_to=[], logging_steps=1, seed=cfg.seed,
+            use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=False,
+        )
+        if world_size > 1 and not torch.cuda.is_available():
+            # trl's PPOTrainer builds its own Accelerator(); on a box without CUDA under torchrun it
+            # then runs each rank alone (silently) unless told to use the CPU: ranks share over gloo.
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+        self.trainer = VisionPPOTrainer(
+            args=args, processing_class=tokenizer, model=policy, ref_model=ref_model, reward_model=reward_model,
+            value_model=value_model, train_dataset=dataset, eval_dataset=dataset,
+            data_collator=PromptCollator(tokenizer.pad_token_id), image_token_id=policy.config.image_token_index,
+            max_grad_norm=ppo.max_grad_norm, on_update=self.on_update,
+        )
+        return self.trainer
+
+    # -- per update: the reward-hacking alarm, held-out accuracy, checkpoints
+
+    def on_update(self, trainer, update: int, rollout: dict, metrics: dict) -> None:
+        ppo = self.config.ppo
+        tokenizer = self.processor.tokenizer
+        answers = [a.strip() for a in tokenizer.batch_decode(rollout["responses"], skip_special_tokens=True)]
+        accuracy = torch.tensor([vqa_accuracy(a, gt) for a, gt in zip(answers, rollout["answers"])])
+        rm_says = (rollout["scores"].cpu() > self.reward_threshold)
+        agree = (rm_says == (accuracy >= 0.6)).float()
+        gather = lambda t: trainer.accelerator.gather_for_metrics(t.to(trainer.accelerator.device)).float().mean().item()
+        metrics["rollout_vqa_accuracy"] = 100 * gather(accuracy)
+        metrics["rm_vqa_agreement"] = 100 * gather(agree)
+        if ppo.eval_steps and (update % ppo.eval_steps == 0 or update == trainer.args.num_total_batches):
+            metrics["val_vqa_accuracy"] = self.held_out_accuracy(trainer)
+        if trainer.accelerator.is_main_process:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}) + "\n")
+            if "val_vqa_accuracy" in metrics:
+                print(f"ppo {update}/{trainer.args.num_total_batches}: held-out VQA accuracy "
+                      f"{metrics['val_vqa_accuracy']:.2f}, reward {metrics['mean_reward']:.3f}, KL {metrics['kl']:.3f}, "
+                      f"rollout VQA accuracy {metrics['rollout_vqa_accuracy']:.1f}, RM agreement "
+                      f"{metrics['rm_vqa_agreement']:.1f}%", flush=True)
+        if ppo.save_steps and update % ppo.save_steps == 0 and update < trainer.args.num_total_batches:
+            self.save_checkpoint(trainer, update)
+
+    def held_out_accuracy(self, trainer) -> float:
+        """Greedy, official metric, on a slice of the val split (rank 0 answers; others wait)."""
+        accuracy = torch.zeros(1, device=trainer.accelerator.device)
+        if trainer.accelerator.is_main_process:
+            cfg = self.config
+            policy = trainer.accelerator.unwrap_model(trainer.model).policy
+            predictions = answer_questions(policy, self.processor, self.val_records, self.images,
+                                           cfg.data.prompt_template, cfg.eval.decoding, cfg.eval.batch_size,
+                                           cfg.data.max_length)
+            policy.train()
+            accuracy[0] = score_records({"question_id": r["id"], "prediction": p, "answers": r["answers"]}
+                                        for r, p in zip(self.val_records, predictions)).overall
+        return trainer.accelerator.reduce(accuracy, reduction="sum").item()
+
+    def save_checkpoint(self, trainer, update: int) -> None:
+        """Policy + value weights, optimizer and scheduler, atomically (tmp dir + rename); keeps the last two."""
+        from safetensors.torch import save_file
+
+        accelerator = trainer.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = self.checkpoints / f"update-{update}"
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            # critic_backbone is the value model's backbone under a second name: saved once.
+            state = {k: v.contiguous() for k, v in accelerator.unwrap_model(trainer.model).state_dict().items()
+                     if not k.startswith("critic_backbone.")}
+            save_file(state, str(tmp / "model.safetensors"))
+            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps({"update": update}))
+            os.replace(tmp, final)
+            for old in sorted(self._complete_checkpoints(), key=_update_of)[:-2]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def _complete_checkpoints(self) -> list[Path]:
+        return [p for p in self.checkpoints.glob("update-*") if p.name.split("-")[-1].isdigit()
+                and (p / "state.json").is_file()]
+
+    def resume(self, trainer) -> int:
+        """Loads the newest complete checkpoint; the log keeps only what led up to it."""
+        from safetensors.torch import load_file
+
+        found = self._complete_checkpoints() if self.config.ppo.resume else []
+        update = 0
+        if found:
+            latest = max(found, key=_update_of)
+            update = _update_of(latest)
+            wrapper = trainer.accelerator.unwrap_model(trainer.model)
+            missing, unexpected = wrapper.load_state_dict(load_file(str(latest / "model.safetensors")), strict=False)
+            missing = [k for k in missing if not k.startswith("critic_backbone.")]  # aliases of value_model.model
+            if missing or unexpected:
+                raise RuntimeError(f"{latest}: checkpoint does not match the model: missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]}")
+            trainer.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+            trainer.lr_scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+            if trainer.accelerator.is_main_process:
+                print(f"ppo: resuming from {latest}", flush=True)
+        if trainer.accelerator.is_main_process:
+            entries = [json.loads(l) for l in self.log_path.read_text().splitlines() if l.strip()] \
+                if self.log_path.is_file() else []
+            # a fresh start drops an old curve; a resumed run keeps what led up to its checkpoint
+            self.log_path.write_text("".join(json.dumps(e) + "\n" for e in entries if update and e["step"] <= update))
+        trainer.start_update = update
+        return update
+
+
+def _update_of(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def _trainable_parts(ppo):
+    """The PPO section seen as a TrainConfig for set_trainable / apply_lora."""
+    from vlm.config import TrainConfig
+
+    return TrainConfig(freeze_vision=ppo.freeze_vision, lora=ppo.lora, lr=ppo.lr)
+
+
+def train(config: RunConfig) -> dict:
+    if config.ppo.algo in ("grpo", "rloo"):  # critic-free, trl's own VLM support + an image-aware reward function
+        from stages.group_rl import train as train_group_relative
+
+        return train_group_relative(config)
+    set_seed(config.seed)
+    run = PPORun(config)
+    trainer = run.build()
+    if run.resume(trainer) == 0 and config.ppo.eval_steps:  # the starting point of the held-out curve
+        accuracy = run.held_out_accuracy(trainer)
+        if trainer.accelerator.is_main_process:
+            with open(run.log_path, "a") as f:
+                f.write(json.dumps({"step": 0, "val_vqa_accuracy": accuracy}) + "\n")
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    metrics: dict = {}
+    if accelerator.is_main_process:
+        wrapper = accelerator.unwrap_model(trainer.model)
+        save_final(wrapper.policy, run.processor, run.work_dir / "final", to_dict(config))
+        wrapper.value_model.save_pretrained(str(run.work_dir / "value_model"), safe_serialization=True)
+        log = [e for e in map(json.loads, filter(str.strip, run.log_path.read_text().splitlines())) if e["step"]]
+        tail = log[-max(1, len(log) // 10):]  # the last tenth of the updates: where training ended up
+        metrics = {
+            "algo": "ppo", "updates": trainer.state.global_step, "world_size": accelerator.num_processes,
+            "seconds": round(seconds, 2), "policy": str(run.policy_dir), "reward_model": str(run.reward_dir),
+            "mean_reward": round(sum(e["mean_reward"] for e in tail) / len(tail), 4),
+            "kl": round(sum(e["kl"] for e in tail) / len(tail), 4),
+            "checkpoint": str(run.work_dir / "final"),
+        }
+        write_json(run.work_dir / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate_before_after(config: RunConfig, metrics: dict) -> dict:
+    """Greedy test-split VQA accuracy of the starting policy and of the PPO policy (official metric)."""
+    from stages.evaluate import evaluate
+
+    policy_dir = Path(config.ppo.policy or config.run_dir / "sft" / "final")
+    before_path = config.run_dir / "eval" / "sft" / "metrics.json"
+    if not config.ppo.policy and before_path.is_file() and json.loads(before_path.read_text())["split"] == config.eval.split:
+        before = json.loads(before_path.read_text())
+    else:
+        before = evaluate(config, policy_dir, "ppo-before")
+    after = evaluate(config, config.run_dir / "ppo" / "final", "ppo")
+    metrics.update({"vqa_accuracy_before": before["vqa_accuracy"], "vqa_accuracy_after": after["vqa_accuracy"],
+                    "eval_split": after["split"], "eval_count": after["count"]})
+    write_json(config.run_dir / "ppo" / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv=None) -> int:
+    parser = stage_parser("ppo", __doc__)
+    parser.add_argument("--algo", choices=["ppo", "grpo", "rloo"], help="the RL algorithm (default: ppo.algo)")
+    args = parser.parse_intermixed_args(argv)
+    config = config_from_args(args)
+    if args.algo:
+        config.ppo.algo = args.algo
+    metrics = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        metrics = evaluate_before_after(config, metrics)
+        print(f"ppo: {metrics['updates']} updates in {metrics['seconds']:.0f} s; test VQA accuracy "
+              f"{metrics['vqa_accuracy_before']:.2f} -> {metrics['vqa_accuracy_after']:.2f}; "
+              f"reward {metrics['mean_reward']:.3f}, KL {metrics['kl']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

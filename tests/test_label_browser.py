@@ -1,0 +1,59 @@
+"""The labeling page in a real headless Chromium (Debian's, driven by Playwright): keyboard labels and undo."""
+import shutil
+import threading
+
+import pytest
+
+from rewards.label_app import make_server
+from rewards.label_store import LabelStore
+from tests.test_label_app import make_dataset
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
+                                                         "(.ci/run installs it: apt-get install chromium)")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.mark.parametrize("token", [None, "t0ken"])
+def test_label_three_items_with_the_keyboard_and_undo_one(tmp_path, token):
+    from playwright.sync_api import expect, sync_playwright
+
+    root = tmp_path / "data"
+    store = LabelStore(tmp_path / "labels.db", create=True)
+    store.add_samples(root, make_dataset(root, 5))
+    server = make_server(store, "127.0.0.1", 0, token=token)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/?labeler=alice" + (f"&token={token}" if token else "")
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            item = page.locator("#item")
+            expect(item).to_have_attribute("data-sample-id", "1")
+            expect(page.locator("#question")).to_have_text("Question 0?")
+            assert page.evaluate("document.getElementById('image').naturalWidth") == 8  # the image loaded
+            assert page.locator("#truth").is_hidden()  # ground truth hidden by default
+            for key, next_id in (("c", "2"), ("x", "3"), ("u", "4")):
+                page.keyboard.press(key)
+                expect(item).to_have_attribute("data-sample-id", next_id)
+            expect(page.locator("#progress")).to_contain_text("3 by you")
+            page.keyboard.press("z")  # undo: the third item (sample 3, "unsure") comes back
+            expect(item).to_have_attribute("data-sample-id", "3")
+            expect(page.locator("#status")).to_have_text("undone #3")
+            page.keyboard.press("g")
+            expect(page.locator("#truth")).to_have_text("ground truth: " + ", ".join(["yes"] * 10))
+            assert errors == []
+            browser.close()
+        current = {r["sample_id"]: r["label"] for r in store.current_labels()}
+        assert current == {1: "correct", 2: "incorrect"}
+        history = store.all_labels()
+        assert [(r["sample_id"], r["label"], r["labeler"], r["undone_at"] is not None) for r in history] == [
+            (1, "correct", "alice", False), (2, "incorrect", "alice", False), (3, "unsure", "alice", True)]
+    finally:
+        server.shutdown()
+        server.server_close()
+        store.close()

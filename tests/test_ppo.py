@@ -1,0 +1,206 @@
+"""PPO with images: pixel values in every forward, <image> never sampled, LoRA, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def ppo_dirs(tiny_model, tiny_processor, tmp_path):
+    """A saved tiny SFT policy and a reward model built on it (untrained head)."""
+    from rewards.reward_model import RewardModel
+
+    sft = tmp_path / "sft-final"
+    tiny_model.save_pretrained(sft)
+    tiny_processor.save_pretrained(sft)
+    torch.manual_seed(0)
+    reward = RewardModel.from_sft(sft)
+    torch.nn.init.normal_(reward.score.weight, std=0.5)
+    reward.save_pretrained(tmp_path / "rm-final")
+    return sft, tmp_path / "rm-final"
+
+
+def ppo_config(tiny_overrides, ppo_dirs, *extra):
+    from vlm.config import load_config
+
+    sft, rm = ppo_dirs
+    return load_config(REPO / "configs/default.yaml", [
+        *tiny_overrides, f"ppo.policy={sft}", f"ppo.reward_model={rm}", "ppo.steps=2", "ppo.batch_size=4",
+        "ppo.mini_batches=2", "ppo.ppo_epochs=1", "ppo.eval_steps=0", "ppo.save_steps=0", "ppo.max_prompts=16",
+        "ppo.lr=1e-3", *extra])
+
+
+@pytest.fixture
+def require_pixels(monkeypatch):
+    """Every LlavaModel forward (policy, reference, value, reward) must get the image with the prompt."""
+    from transformers.models.llava import modeling_llava
+
+    calls = {"with_image": 0}
+    original = modeling_llava.LlavaModel.forward
+
+    def checked(self, input_ids=None, pixel_values=None, *args, **kwargs):
+        if input_ids is not None and (input_ids == self.config.image_token_index).any():
+            # generate() may encode the image once and pass the features (mm_encoder_outputs)
+            if pixel_values is None and kwargs.get("mm_encoder_outputs") is None:
+                raise AssertionError("a forward over <image> tokens without pixel_values")
+            calls["with_image"] += 1
+        return original(self, input_ids, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llava.LlavaModel, "forward", checked)
+    return calls
+
+
+def test_response_mask_keeps_the_answer_eos():
+    from stages.ppo import response_mask
+
+    eos = 0
+    responses = torch.tensor([[5, 6, eos, eos, eos], [7, eos, 9, eos, eos], [1, 2, 3, 4, 5]])
+    assert response_mask(responses, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_ppo_step_passes_pixels_everywhere_and_saves(require_pixels, tiny_overrides, ppo_dirs):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from rewards.reward_model import RewardModel
+    from stages.ppo import train
+
+    config = ppo_config(tiny_overrides, ppo_dirs, "ppo.eval_steps=2", "ppo.eval_samples=4")
+    metrics = train(config)
+    assert metrics["updates"] == 2 and metrics["world_size"] == 1
+    # per update: generation prefill, policy, reference, value, reward, + one per minibatch (policy and value)
+    assert require_pixels["with_image"] >= 2 * (5 + 2 * 2)
+    log = [json.loads(l) for l in (config.run_dir / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [0, 1, 2]
+    assert "val_vqa_accuracy" in log[0] and "val_vqa_accuracy" in log[2] and "val_vqa_accuracy" not in log[1]
+    log = log[1:]
+    for key in ("mean_reward", "kl", "response_length", "entropy", "rollout_vqa_accuracy", "rm_vqa_agreement"):
+        assert all(isinstance(e[key], (int, float)) and e[key] == e[key] for e in log), key
+    final = config.run_dir / "ppo" / "final"
+    LlavaForConditionalGeneration.from_pretrained(final)  # stock-loadable policy
+    AutoProcessor.from_pretrained(final)
+    assert isinstance(RewardModel.from_pretrained(config.run_dir / "ppo" / "value_model"), RewardModel)
+
+
+def test_image_token_is_never_sampled(tiny_overrides, ppo_dirs):
+    """Even when the policy prefers <image> above everything, rollouts never contain it and its
+    log-probs are those of the suppressed distribution (finite, as in generation)."""
+    from stages.ppo import PPORun
+
+    run = PPORun(ppo_config(tiny_overrides, ppo_dirs))
+    trainer = run.build()
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
+    image_id = policy.config.image_token_index
+    ref_model = trainer.ref_model
+
+    def prefer_image(module, inputs, output):
+        output = output.clone()
+        output[..., image_id] += 1e4
+        return output
+
+    policy.lm_head.register_forward_hook(prefer_image)
+    ref_model.lm_head.register_forward_hook(prefer_image)
+    batch = next(iter(trainer.dataloader))
+    torch.manual_seed(0)
+    rollout = trainer.rollout(batch)
+    assert not (rollout["responses"] == image_id).any()
+    assert torch.isfinite(rollout["logprobs"]).all() and torch.isfinite(rollout["ref_logprobs"]).all()
+
+
+def test_lora_ppo_step_uses_adapter_free_reference(require_pixels, tiny_overrides, ppo_dirs):
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from stages.ppo import PPORun, train
+
+    config = ppo_config(tiny_overrides, ppo_dirs, "ppo.lora.enabled=true", "ppo.lora.r=4")
+    run = PPORun(config)
+    trainer = run.build()
+    assert trainer.ref_model is None and isinstance(trainer.accelerator.unwrap_model(trainer.model).policy, PeftModel)
+    metrics = train(config)
+    assert metrics["updates"] == 2
+    merged = LlavaForConditionalGeneration.from_pretrained(config.run_dir / "ppo" / "final")
+    base = LlavaForConditionalGeneration.from_pretrained(ppo_dirs[0])
+    changed = [n for (n, a), (_, b) in zip(merged.state_dict().items(), base.state_dict().items())
+               if not torch.equal(a, b)]
+    assert changed, "LoRA PPO changed nothing"
+
+
+def test_resume_after_kill_ends_like_an_uninterrupted_run(tiny_overrides, ppo_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from stages import ppo as ppo_stage
+
+    extra = ["ppo.steps=4", "ppo.save_steps=2"]
+    straight = ppo_config(tiny_overrides, ppo_dirs, *extra, "name=straight")
+    ppo_stage.train(straight)
+
+    killed = ppo_config(tiny_overrides, ppo_dirs, *extra, "name=killed")
+    original = ppo_stage.PPORun.on_update
+
+    def die_at_3(self, trainer, update, rollout, metrics):
+        original(self, trainer, update, rollout, metrics)
+        if update == 3:
+            raise KeyboardInterrupt("killed")
+
+    ppo_stage.PPORun.on_update = die_at_3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ppo_stage.train(killed)
+    finally:
+        ppo_stage.PPORun.on_update = original
+    assert (killed.run_dir / "ppo" / "checkpoints" / "update-2" / "state.json").is_file()
+    ppo_stage.train(killed)
+    log = [json.loads(l)["step"] for l in (killed.run_dir / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]  # update 3's entry from before the kill was dropped, then redone
+    a = load_file(str(straight.run_dir / "ppo" / "final" / "model.safetensors"))
+    b = load_file(str(killed.run_dir / "ppo" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_two_cpu_processes_share_the_rollouts(tiny_overrides, ppo_dirs, tmp_path):
+    """trl's PPOTrainer builds its own Accelerator(): without CUDA each torchrun rank would train
+    alone unless ACCELERATE_USE_CPU=true, which the stage sets itself (not set here). Ranks that
+    really share the work run half the updates, each on its own half of the rollouts."""
+    import subprocess
+    import sys
+
+    from tests.test_sft import child_env, free_port
+
+    sft, rm = ppo_dirs
+    env = child_env()
+    env.pop("ACCELERATE_USE_CPU", None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "stages.ppo", str(REPO / "configs/default.yaml"), *tiny_overrides,
+        f"ppo.policy={sft}", f"ppo.reward_model={rm}", "ppo.steps=4", "ppo.batch_size=4", "ppo.mini_batches=2",
+        "ppo.ppo_epochs=1", "ppo.eval_steps=0", "ppo.save_steps=0", "ppo.max_prompts=16", "eval.max_samples=8",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    metrics = json.loads((tmp_path / "tiny" / "ppo" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["updates"] == 2  # 4 updates of one process, halved
+    log = [json.loads(l) for l in (tmp_path / "tiny" / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2]  # rank 0 writes the log once per shared update
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_group_relative_algorithms_see_the_image(algo, require_pixels, tiny_overrides, ppo_dirs):
+    """trl's GRPO / RLOO with our VLM: every forward over the prompt gets the image, and the
+    reward model scores (image, question, answer)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from stages.ppo import train
+
+    config = ppo_config(tiny_overrides, ppo_dirs, f"ppo.algo={algo}", "ppo.num_generations=2", "ppo.steps=2")
+    metrics = train(config)
+    assert metrics["algo"] == algo and metrics["updates"] == 2
+    assert require_pixels["with_image"] > 0
+    log = [json.loads(l) for l in (config.run_dir / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(e["rollout_vqa_accuracy"] is not None for e in log)
+    LlavaForConditionalGeneration.from_pretrained(config.run_dir / "ppo" / "final")
