@@ -12,7 +12,6 @@ that the policy emits to end its answer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

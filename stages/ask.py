@@ -32,6 +32,22 @@ def decoding_config(args):
     return DecodingConfig(strategy="greedy", max_new_tokens=args.max_new_tokens)
 
 
+def open_session(args):
+    """A ChatSession on --model about --image (None: text only), or exit with the reason."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the answer, not library notices
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    from vlm.chat import ChatSession
+
+    try:
+        session = ChatSession(args.model, decoding_config(args))
+        session.set_image(args.image)
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    return session
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vqa-rlhf ask", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,18 +57,10 @@ def main(argv=None) -> int:
     decoding_arguments(parser)
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the answer, not library notices
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    from vlm.chat import ChatSession
-    from vlm.data import PromptTooLong
-
+    session = open_session(args)
     try:
-        session = ChatSession(args.model, decoding_config(args))
-        session.set_image(args.image)
         session.ask(args.question, stream=sys.stdout)
-    except (FileNotFoundError, ValueError, PromptTooLong) as exc:
+    except ValueError as exc:  # PromptTooLong included
         sys.exit(f"error: {exc}")
     return 0
 

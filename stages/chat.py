@@ -11,10 +11,9 @@ the processor's stock chat template, the training format). Commands:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from stages.ask import decoding_arguments, decoding_config
+from stages.ask import decoding_arguments, open_session
 
 PROMPT = "you> "
 REPLY = "model> "
@@ -28,18 +27,9 @@ def main(argv=None) -> int:
     decoding_arguments(parser)
     args = parser.parse_args(argv)
 
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the answer, not library notices
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    from vlm.chat import ChatSession
+    session = open_session(args)
     from vlm.data import PromptTooLong
 
-    try:
-        session = ChatSession(args.model, decoding_config(args))
-        session.set_image(args.image)
-    except (FileNotFoundError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
     print(f"chatting with {args.model}" + (f" about {args.image}" if args.image else " (no image)") +
           "; /image PATH, /reset, /quit", flush=True)
     while True:

@@ -64,6 +64,15 @@ def config_fingerprint(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def labeling_instructions(config: RunConfig, config_path: str, overrides: list[str], later: list[str]) -> str:
+    """What to do after `sample` when labels come from people (no autolabel stage)."""
+    db = config.labels_db
+    return (f"\n== candidate answers are in {db}; the run stops here for people to label them:\n"
+            f"     vqa-rlhf label --db {db}        # then open http://127.0.0.1:8765 (--help: token, port)\n"
+            f"   or bootstrap from ground truth: vqa-rlhf autolabel --db {db} --min-accuracy 0.6\n"
+            f"   then continue: ./launch.sh {' '.join([config_path, *overrides])} --stages {','.join(later)}")
+
+
 def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[str], force: bool) -> int:
     """`config` is `config_path` with `overrides` applied; the stage processes get the path and overrides."""
     run_dir = config.run_dir
@@ -83,6 +92,10 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
                   f"training resumes from its last checkpoint", file=sys.stderr)
             return returncode
         write_json(marker, {"config": fingerprint, "seconds": round(time.perf_counter() - started, 1)})
+        later = stages[stages.index(stage) + 1:]
+        if stage == "sample" and "autolabel" not in stages and later:
+            print(labeling_instructions(config, config_path, overrides, later), flush=True)
+            return 0  # people label now; the run continues with --stages
     report = build_report(run_dir)
     print_table(report)
     print(f"report: {run_dir / 'report.md'}")

@@ -21,6 +21,14 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path)
     assert sft["seconds"] > 0 and (run_dir / "sft" / "final" / "model.safetensors").is_file()
     assert sft["checkpoint"] == str(run_dir / "sft" / "final")
     assert 0 <= report["baselines"]["majority_answer"] <= 100
+    stages = report["stages"]
+    assert set(stages) == {"sft", "rm", "ppo", "instruct", "caption_eval"}
+    assert 0 <= stages["rm"]["accuracy"] <= 100
+    assert stages["rm"]["auc"] is None or 0 <= stages["rm"]["auc"] <= 1  # None: one class only in a smoke run
+    assert set(stages["rm"]["baselines"]) == {"similarity", "exact_match"}
+    assert {"algo", "vqa_accuracy_before", "vqa_accuracy_after", "mean_reward", "kl", "seconds"} <= set(stages["ppo"])
+    assert set(stages["instruct"]) == {"vqa_accuracy_before", "vqa_accuracy_after", "description_precision",
+                                       "description_recall", "seconds"}
     assert (run_dir / "report.md").read_text().startswith("# Run report")
     assert (run_dir / "report.png").stat().st_size > 1000
     assert "baseline: majority_answer" in result.stdout  # the closing table
@@ -29,7 +37,7 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path)
 
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0
-    assert again.stdout.count("done earlier with this config, skipping") == 3
+    assert again.stdout.count("done earlier with this config, skipping") == 9  # every stage of the config
 
 
 def test_a_typo_in_an_override_stops_before_any_stage_runs(tmp_path):
@@ -51,3 +59,19 @@ def test_every_subcommand_explains_itself(subcommand):
 def test_unknown_subcommand_lists_the_real_ones():
     result = subprocess.run([sys.executable, "-m", "stages.cli", "trian"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and "sft" in result.stderr
+
+
+def test_without_autolabel_the_run_stops_after_sample_and_says_how_to_label_and_continue(tmp_path, monkeypatch,
+                                                                                         capsys):
+    from stages import pipeline
+    from vlm.config import load_config
+
+    started = []
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda command: started.append(command[command.index("-m") + 1]) or 0)
+    overrides = [f"output_root={tmp_path}", "name=people"]
+    config = load_config(REPO / "configs/default.yaml", overrides)
+    assert pipeline.run(config, "configs/default.yaml", ["prep", "sft", "sample", "rm", "ppo"], overrides, False) == 0
+    assert started == ["stages.prep", "stages.sft", "stages.sample"]
+    out = capsys.readouterr().out
+    assert f"vqa-rlhf label --db {tmp_path / 'people' / 'labels' / 'labels.db'}" in out
+    assert f"./launch.sh configs/default.yaml output_root={tmp_path} name=people --stages rm,ppo" in out
