@@ -56,7 +56,10 @@ def dataset_images(data_dir: Path) -> list[str]:
 def load_vision(model_name: str, feature_layer: int | None):
     """(vision tower, image processor, feature layer) from a VLM of ours or a CLIP model."""
     path = Path(model_name)
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()).get("model_type") == "llava":
+    # "vlm_llava": the non-default projector types (vlm/projectors.py); read as a bare CLIP
+    # model, their tower's weights were not found and the cache was made by a random tower.
+    if (path / "config.json").is_file() and \
+            json.loads((path / "config.json").read_text()).get("model_type") in ("llava", "vlm_llava"):
         from vlm.model import load_model
 
         model, processor = load_model(path)

@@ -26,6 +26,7 @@ COMMANDS = {
     "bench-labels": ("bench.labeling", "labeling app benchmark: label submissions/s, next-item latency"),
     "caption": ("stages.caption", "caption images with a trained model (the caption prompt it was trained with)"),
     "caption-eval": ("stages.caption_eval", "caption a split's images: BLEU-1..4, CIDEr-D (pure Python), perplexity"),
+    "retrieval-eval": ("stages.retrieval_eval", "CLIP-GPT caption -> image retrieval: recall@1/5/10 (model.clip_head)"),
     "compare": ("stages.compare", "runs' reports side by side: VQA accuracy, caption CIDEr-D, time, throughput"),
     "bench-cache": ("bench.feature_cache", "SFT step time with the CLIP feature cache vs features on the fly"),
     "rm": ("stages.rm", "train the multimodal reward model on exported labels, with baselines"),

@@ -27,7 +27,8 @@ from stages.report import build_report, print_table
 
 STAGE_MODULES = {"prep": "stages.prep", "sft": "stages.sft", "sample": "stages.sample",
                  "autolabel": "stages.autolabel", "rm": "stages.rm", "ppo": "stages.ppo",
-                 "instruct": "stages.instruct", "eval": "stages.evaluate", "caption_eval": "stages.caption_eval"}
+                 "instruct": "stages.instruct", "eval": "stages.evaluate", "caption_eval": "stages.caption_eval",
+                 "retrieval_eval": "stages.retrieval_eval"}
 TRAINING_STAGES = {"sft", "rm", "ppo", "instruct"}
 
 # --smoke: a few steps on a small slice, to validate a config end to end in minutes.

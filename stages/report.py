@@ -43,6 +43,10 @@ def build_report(run_dir: Path) -> dict:
     if captions:
         report["stages"]["caption_eval"] = {k: captions[k] for k in (
             "cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "perplexity", "images", "split", "seconds") if k in captions}
+    retrieval = _read(run_dir / "eval" / "retrieval" / "metrics.json")  # stages/retrieval_eval.py
+    if retrieval:
+        report["stages"]["retrieval"] = {k: retrieval[k] for k in (
+            "recall@1", "recall@5", "recall@10", "chance", "queries", "index_size", "split", "seconds") if k in retrieval}
     instruct = _read(run_dir / "instruct" / "metrics.json")
     if instruct:
         keys = ("vqa_accuracy_before", "vqa_accuracy_after", "description_precision", "description_recall", "seconds")
@@ -88,6 +92,15 @@ def render_markdown(report: dict) -> str:
                   f"VQA accuracy {instruct['vqa_accuracy_before']} before, {instruct['vqa_accuracy_after']} after; "
                   f"descriptions of held-out images: precision {instruct['description_precision']}, "
                   f"recall {instruct['description_recall']} (objects: colour, shape and position)"]
+    retrieval = report["stages"].get("retrieval")
+    if retrieval:
+        chance = retrieval.get("chance", {})
+        lines += ["", f"## Caption -> image retrieval ({retrieval['queries']} captions, {retrieval['index_size']} "
+                      f"images, {retrieval['split']} split)", "", "| | recall@1 | recall@5 | recall@10 |",
+                  "|---|---|---|---|",
+                  f"| model | {retrieval['recall@1']} | {retrieval['recall@5']} | {retrieval['recall@10']} |",
+                  f"| chance | {chance.get('recall@1', '-')} | {chance.get('recall@5', '-')} | "
+                  f"{chance.get('recall@10', '-')} |"]
     rm = report["stages"].get("rm")
     if rm:
         lines += ["", f"## Reward model ({rm['objective']}, {rm['count']} held-out labels, split by image)", "",

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from torch.utils.data import ConcatDataset
 from transformers import TrainerCallback, set_seed
 
 from vlm.config import RunConfig, to_dict
@@ -27,6 +28,7 @@ from vlm.data import (
     vqa_items,
 )
 from vlm.features import image_source
+from vlm.retrieval import CaptionEmbeddingExamples, embedding_head, embedding_token_id
 from vlm.generate import answer_questions
 from vlm.model import build_model, build_processor, load_model, count_parameters
 from vlm.train import build_trainer, is_main_process, prepare_for_training, train_and_save
@@ -83,15 +85,30 @@ def setup_data(config: RunConfig, processor, model, work_dir: Path):
         vqa_train = vqa_train.select(range(min(data.max_train_samples, len(vqa_train))))
     source = str(config.data_dir / "vqa" / data.train_split)
     items = list(vqa_items(vqa_train, data, source, rejects))
+    caption_examples = []
     if data.caption_ratio > 0 and (config.data_dir / "captions").exists():
         captions = load_split(config.data_dir, "captions", data.train_split)
         count = int(len(vqa_train) * data.caption_ratio)
         rng = random.Random(config.seed)
         picks = [rng.randrange(len(captions)) for _ in range(count)]
-        items += list(caption_items(captions.select(picks), data, str(config.data_dir / "captions" / data.train_split)))
-    dataset = SupervisedDataset(
-        items, processor.tokenizer, images, model.config.image_seq_length, data.max_length, rejects
-    )
+        caption_examples = list(caption_items(captions.select(picks), data,
+                                              str(config.data_dir / "captions" / data.train_split)))
+
+    def encode(examples):
+        return SupervisedDataset(examples, processor.tokenizer, images, model.config.image_seq_length,
+                                 data.max_length, rejects)
+
+    if config.model.clip_head and embedding_head(model) is None:
+        raise ValueError(f"model.clip_head is set but {config.model.checkpoint} has no embedding head "
+                         f"(it was saved without model.clip_head)")
+    if embedding_head(model) is not None:  # model.clip_head: captions also train caption -> CLIP embedding
+        if not caption_examples:
+            raise ValueError(f"model.clip_head trains on captions: {config.data_dir}/captions/{data.train_split} "
+                             f"is missing or data.caption_ratio is 0")
+        dataset = ConcatDataset([encode(items), CaptionEmbeddingExamples(encode(caption_examples),
+                                                                         embedding_token_id(processor.tokenizer))])
+    else:
+        dataset = encode(items + caption_examples)
     if len(dataset) == 0:
         raise ValueError(f"no usable training examples in {source} (see {rejects.path})")
     val = load_split(config.data_dir, "vqa", data.val_split)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from tests.conftest import REPO, TINY_MODEL
 from vlm.retrieval import (EmbeddingHead, add_embedding_token, caption_inputs, clip_gpt_loss, image_index,
                            recall_at_k, retrieval_recall)
 
@@ -111,3 +112,131 @@ def test_retrieval_recall_over_caption_records(tiny_model, own_processor):
 
 def test_the_shared_processor_is_untouched(tiny_processor):
     assert "<clip>" not in tiny_processor.tokenizer.get_vocab()
+
+
+# --- the wiring: model.clip_head in SFT, the saved head, the retrieval_eval stage ----------------
+
+CLIP_HEAD = ["model.projector=prefix", "model.prefix_length=1", "model.clip_head=true", "data.caption_ratio=1.0",
+             "eval.caption_max_images=6"]
+
+
+@pytest.fixture
+def clip_gpt_run(tiny_overrides):
+    """A tiny CLIP-GPT SFT run (CE + MSE on caption examples), then retrieval_eval and the report."""
+    from vlm.config import load_config
+    from stages import sft
+    from stages.report import build_report
+    from stages.retrieval_eval import evaluate_retrieval
+
+    config = load_config(REPO / "configs/default.yaml",
+                         # a frozen vision tower (as CLIP-GPT's CLIP): fixed targets
+                         [*tiny_overrides, *CLIP_HEAD, "sft.steps=12", "sft.batch_size=8", "sft.lr=3e-3",
+                          "sft.freeze_vision=true"])
+    metrics = sft.train(config)
+    retrieval = evaluate_retrieval(config, config.run_dir / "sft" / "final")
+    return config, metrics, retrieval, build_report(config.run_dir)
+
+
+def test_sft_with_clip_head_trains_the_head_on_captions_and_the_mse_falls(clip_gpt_run):
+    _, metrics, _, _ = clip_gpt_run
+    mses = [e["embedding_mse"] for e in metrics["log_history"] if "embedding_mse" in e]
+    assert len(mses) == metrics["steps"] == 12  # every step's batch had caption rows (logging_steps=1)
+    assert sum(mses[-3:]) / 3 < 0.5 * sum(mses[:3]) / 3
+
+
+def test_retrieval_eval_reports_recall_over_the_split_and_in_the_report(clip_gpt_run):
+    import json
+
+    config, _, retrieval, report = clip_gpt_run
+    saved = json.loads((config.run_dir / "eval/retrieval/metrics.json").read_text())
+    assert saved == retrieval
+    assert retrieval["index_size"] == 6 and retrieval["queries"] >= 6 and retrieval["index_from"] == "vision_tower"
+    assert 0 <= retrieval["recall@1"] <= retrieval["recall@5"] <= retrieval["recall@10"] == 100.0  # 6 images
+    assert retrieval["chance"] == {"recall@1": round(100 / 6, 2), "recall@5": round(500 / 6, 2), "recall@10": 100.0}
+    assert report["stages"]["retrieval"]["recall@1"] == retrieval["recall@1"]
+    assert "Caption -> image retrieval" in (config.run_dir / "report.md").read_text()
+
+
+def test_the_head_saves_as_safetensors_and_loads_back_with_the_clip_token(tiny_data_dir, tmp_path):
+    from safetensors import safe_open
+
+    from vlm.config import load_config
+    from vlm.model import build_model, build_processor, load_model
+    from vlm.retrieval import embedding_head, embedding_token_id
+    from vlm.train import save_final
+    from stages.sft import corpus
+
+    config = load_config(REPO / "configs/default.yaml", [*TINY_MODEL, *CLIP_HEAD, f"data.dir={tiny_data_dir}"])
+    processor = build_processor(config.model, corpus(config))
+    model = build_model(config.model, processor)
+    clip_id = embedding_token_id(processor.tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] > clip_id
+    assert clip_id in model.generation_config.suppress_tokens  # never generated
+    with torch.no_grad():
+        embedding_head(model).proj.weight.normal_()
+    save_final(model, processor, tmp_path / "final", {})
+    with safe_open(str(tmp_path / "final" / "model.safetensors"), "pt") as f:
+        assert "embedding_head.proj.weight" in f.keys()
+    loaded, loaded_processor = load_model(tmp_path / "final")
+    assert embedding_token_id(loaded_processor.tokenizer) == clip_id
+    for name, value in embedding_head(model).state_dict().items():
+        assert torch.equal(embedding_head(loaded).state_dict()[name], value), name
+
+
+def test_clip_head_with_the_stock_llava_projector_is_a_clear_error(tiny_data_dir):
+    from vlm.config import load_config
+    from vlm.model import build_model, build_processor
+    from stages.sft import corpus
+    config = load_config(REPO / "configs/default.yaml", [*TINY_MODEL, "model.clip_head=true",
+                                                         f"data.dir={tiny_data_dir}"])
+    with pytest.raises(ValueError, match="model.clip_head needs a model.projector other than llava"):
+        build_model(config.model, build_processor(config.model, corpus(config)))
+
+
+def test_retrieval_eval_of_a_model_without_the_head_says_so(tiny_model, tiny_processor, tiny_overrides, tmp_path):
+    from vlm.config import load_config
+    from stages.retrieval_eval import evaluate_retrieval
+
+    tiny_model.save_pretrained(tmp_path / "plain")
+    tiny_processor.save_pretrained(tmp_path / "plain")
+    config = load_config(REPO / "configs/default.yaml", tiny_overrides)
+    with pytest.raises(ValueError, match="no caption -> CLIP embedding head; train it with model.clip_head=true"):
+        evaluate_retrieval(config, tmp_path / "plain")
+
+
+def test_with_the_feature_cache_the_targets_and_index_are_the_towers_cls_rows(tiny_overrides, tiny_data_dir, tmp_path):
+    """Training reads cached features (frozen tower) and eval's index comes from the cache;
+    both equal what the vision tower computes from pixels, so recall is the same either way."""
+    from data_prep.features import build_cache
+    from vlm.config import load_config
+    from vlm.data import ImageCache
+    from vlm.features import FeatureStore
+    from vlm.model import build_model, build_processor
+    from vlm.retrieval import pooled_image_embeddings
+    from stages import sft
+    from stages.retrieval_eval import evaluate_retrieval
+    from stages.sft import corpus
+
+    base = load_config(REPO / "configs/default.yaml", [*tiny_overrides, *CLIP_HEAD])
+    processor = build_processor(base.model, corpus(base))
+    model = build_model(base.model, processor)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    build_cache(str(tmp_path / "model"), tiny_data_dir, tmp_path / "features", batch_size=16)
+    store = FeatureStore(tmp_path / "features")
+    images = sorted(store.rows)[:4]
+    pixels = torch.stack([ImageCache(processor.image_processor, tiny_data_dir)(i) for i in images])
+    assert torch.allclose(pooled_image_embeddings(model, pixels, "pixel_values"),
+                          torch.stack([store(i)[0] for i in images]), atol=1e-5)
+
+    cached = load_config(REPO / "configs/default.yaml", [
+        *tiny_overrides, *CLIP_HEAD, f"model.checkpoint={tmp_path / 'model'}",
+        f"data.feature_cache={tmp_path / 'features'}", "sft.freeze_vision=true", "sft.steps=3"])
+    metrics = sft.train(cached)
+    assert len([e for e in metrics["log_history"] if "embedding_mse" in e]) == 3
+    from_cache = evaluate_retrieval(cached, cached.run_dir / "sft" / "final")
+    uncached = load_config(REPO / "configs/default.yaml", [*tiny_overrides, *CLIP_HEAD, "name=uncached"])
+    from_tower = evaluate_retrieval(uncached, cached.run_dir / "sft" / "final")
+    assert from_cache["index_from"] == "feature_cache" and from_tower["index_from"] == "vision_tower"
+    assert {k: v for k, v in from_cache.items() if k.startswith("recall@")} == \
+        {k: v for k, v in from_tower.items() if k.startswith("recall@")}

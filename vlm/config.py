@@ -53,6 +53,10 @@ class ModelConfig:
     projector: str = "llava"
     prefix_length: int = 4  # prefix: image tokens K the pooled CLIP embedding becomes
     projector_layers: int = 1  # prefix, linear-ln-transformer: transformer encoder layers
+    # CLIP-GPT's second direction (vlm/retrieval.py): a `<clip>` token and a regression head that
+    # predicts the image's CLIP embedding from a caption; SFT trains it on caption examples
+    # (sft.clip_loss_weight), `retrieval_eval` reports recall@1/5/10. Needs projector != llava.
+    clip_head: bool = False
 
 
 @dataclass
@@ -107,7 +111,7 @@ class TrainConfig:
     schedule: str = "cosine"  # any transformers SchedulerType
     max_grad_norm: float = 1.0
     # Any transformers TrainingArguments.optim: adamw_torch, adafactor, sgd, adamw_torch_fused, ...
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"  # transformers' default; CPU runs are bit-reproducible with it
     freeze_vision: bool = False
     freeze_projector: bool = False
     freeze_language: bool = False
@@ -131,6 +135,8 @@ class TrainConfig:
     eval_samples: int = 256
     resume: bool = True  # continue from the newest complete checkpoint in the output dir
     num_workers: int = 0
+    # model.clip_head: loss = CE + clip_loss_weight * MSE(predicted, CLIP embedding) on caption examples
+    clip_loss_weight: float = 1.0
 
 
 @dataclass
@@ -389,7 +395,7 @@ def _check_choices(config: RunConfig) -> None:
 
 
 # The pipeline's stages in the order they run.
-STAGES = ("prep", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval", "caption_eval")
+STAGES = ("prep", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval", "caption_eval", "retrieval_eval")
 
 
 def to_dict(config) -> dict:

@@ -90,6 +90,10 @@ def build_processor(config: ModelConfig, corpus: Iterable[str] | None = None) ->
             raise ValueError("building a tokenizer from scratch needs a text corpus")
         tokenizer = train_tokenizer(corpus, config.vocab_size)
     tokenizer = _finish_tokenizer(tokenizer)
+    if config.clip_head:  # the output token CLIP-GPT's regression head reads (vlm/retrieval.py)
+        from vlm.retrieval import EMBED_TOKEN
+
+        tokenizer.add_special_tokens({"additional_special_tokens": [EMBED_TOKEN]}, replace_extra_special_tokens=False)
     if config.vision_model:
         image_processor = CLIPImageProcessor.from_pretrained(config.vision_model)
         patch_size = CLIPVisionConfig.from_pretrained(config.vision_model).patch_size
@@ -122,7 +126,7 @@ def llava_config(vision: CLIPVisionConfig, text: GPT2Config, vocab_size: int, im
     # model.projector "llava" gives the stock LlavaConfig; other types a VLMConfig whose
     # image_seq_length is the type's image token count (vlm/projectors.py).
     return projectors.make_config(
-        config.projector, config.prefix_length, config.projector_layers,
+        config.projector, config.prefix_length, config.projector_layers, config.clip_head,
         vision_config=vision,
         text_config=text,
         image_token_index=image_token_id,
@@ -160,12 +164,17 @@ def scratch_configs(config: ModelConfig, vocab_size: int) -> tuple[CLIPVisionCon
 
 
 def _generation_config(model: LlavaForConditionalGeneration, tokenizer) -> GenerationConfig:
-    # Saved with the model, so stock generate() never emits <image> either.
+    # Saved with the model, so stock generate() never emits <image> (or <clip>, model.clip_head) either.
+    suppress = [model.config.image_token_index]
+    if getattr(model.config, "embedding_head", False):
+        from vlm.retrieval import EMBED_TOKEN
+
+        suppress.append(tokenizer.convert_tokens_to_ids(EMBED_TOKEN))
     return GenerationConfig(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
-        suppress_tokens=[model.config.image_token_index],
+        suppress_tokens=suppress,
         max_new_tokens=16,
         do_sample=False,
     )

@@ -173,6 +173,8 @@ class VLMConfig(LlavaConfig):
     projector_type: str = "mlp"
     prefix_length: int = 4  # `prefix`: image tokens (K)
     projector_layers: int = 1  # `prefix`, `linear-ln-transformer`: transformer encoder layers
+    # CLIP-GPT's caption -> CLIP embedding head at the `<clip>` token (vlm/retrieval.py)
+    embedding_head: bool = False
 
 
 class VLMModel(LlavaModel):
@@ -227,6 +229,10 @@ class VLMForConditionalGeneration(LlavaForConditionalGeneration):
     def __init__(self, config: VLMConfig):
         super().__init__(config)
         self.model = VLMModel(config)
+        if config.embedding_head:  # saved and loaded with the model's other weights
+            from vlm.retrieval import EmbeddingHead
+
+            self.embedding_head = EmbeddingHead(config.text_config.hidden_size, config.vision_config.hidden_size)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
@@ -257,16 +263,20 @@ def model_class(projector_type: str):
     return LlavaForConditionalGeneration if projector_type == STOCK else VLMForConditionalGeneration
 
 
-def make_config(projector_type: str, prefix_length: int, projector_layers: int, **llava_kwargs) -> LlavaConfig:
+def make_config(projector_type: str, prefix_length: int, projector_layers: int, embedding_head: bool = False,
+                **llava_kwargs) -> LlavaConfig:
     """The model config of a projector type: stock LlavaConfig for `llava`, VLMConfig otherwise.
     `image_seq_length` (how many tokens `<image>` expands to) is set from the type here."""
     check_projector_type(projector_type)
     if projector_type == STOCK:
+        if embedding_head:
+            raise ValueError("model.clip_head needs a model.projector other than llava: stock Llava "
+                             f"has no place for the head (types: {', '.join(PROJECTORS)})")
         return LlavaConfig(**llava_kwargs)
     if projector_type == CROSS_ATTENTION:
         llava_kwargs["text_config"].add_cross_attention = True
     config = VLMConfig(projector_type=projector_type, prefix_length=prefix_length,
-                       projector_layers=projector_layers, **llava_kwargs)
+                       projector_layers=projector_layers, embedding_head=embedding_head, **llava_kwargs)
     config.image_seq_length = PROJECTORS[projector_type].image_tokens(config)
     return config
 

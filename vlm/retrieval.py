@@ -10,7 +10,13 @@ The pooled embedding is the CLS row of the vision features the feature cache sto
 (vlm/features.py FeatureStore, built by `vqa-rlhf prep features`): the index is built
 from the cache without running the vision tower again.
 
-Not wired into a stage yet: these are the pieces (head, loss, index, recall) and their tests.
+Wiring (`model.clip_head: true`, configs/seeds/clip-gpt.yaml): the head is the model's
+`embedding_head` (vlm/projectors.py VLMForConditionalGeneration, saved with it as
+safetensors); SFT's caption examples become CaptionEmbeddingExamples, EmbeddingCollator
+adds their `caption <clip>` rows to the batch and VLMTrainer adds
+`sft.clip_loss_weight * embedding_loss` to the CE. The target is the same CLS row the index
+holds: the cached features' row 0, or the vision tower's CLS at `vision_feature_layer`.
+`vqa-rlhf retrieval-eval` (stages/retrieval_eval.py) reports recall@1/5/10.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.features import llava_of
+from vlm.data import IGNORE_INDEX, VLMCollator
+from vlm.features import IMAGE_FEATURES, llava_of, vision_features
 
 EMBED_TOKEN = "<clip>"
 
@@ -61,11 +68,29 @@ def add_embedding_token(processor, model) -> int:
     return token_id
 
 
+def embedding_head(model) -> EmbeddingHead | None:
+    """The model's `embedding_head` (model.clip_head), None when it has none."""
+    return getattr(llava_of(model), "embedding_head", None)
+
+
+def embedding_token_id(tokenizer) -> int:
+    if EMBED_TOKEN not in tokenizer.get_vocab():
+        raise ValueError(f"the tokenizer has no {EMBED_TOKEN} token: the model was not built with model.clip_head=true")
+    return tokenizer.convert_tokens_to_ids(EMBED_TOKEN)
+
+
 def caption_inputs(tokenizer, captions: list[str], embed_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `caption <clip>` rows and each row's `<clip>` position."""
+    """Right-padded `caption <clip>` rows and each row's `<clip>` position.
+
+    " caption" is tokenized as SFT tokenizes a caption answer (data.answer_template " {answer}"),
+    so retrieval reads the same ids the head was trained on."""
     rows = [tokenizer(" " + c.strip(), add_special_tokens=False)["input_ids"] + [embed_token_id] for c in captions]
+    return pad_embedding_rows(rows, tokenizer.pad_token_id)
+
+
+def pad_embedding_rows(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
         input_ids[i, :len(row)] = torch.tensor(row)
@@ -77,8 +102,10 @@ def caption_inputs(tokenizer, captions: list[str], embed_token_id: int) -> dict[
 def predict_embeddings(model, head: EmbeddingHead, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """[batch, embed_dim]: the head on GPT-2's last hidden state at each row's `<clip>`."""
     language_model = llava_of(model).model.language_model
-    hidden = language_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-    return head(hidden[torch.arange(hidden.shape[0]), inputs["positions"]])
+    device = language_model.get_input_embeddings().weight.device
+    hidden = language_model(input_ids=inputs["input_ids"].to(device),
+                            attention_mask=inputs["attention_mask"].to(device)).last_hidden_state
+    return head(hidden[torch.arange(hidden.shape[0], device=device), inputs["positions"].to(device)])
 
 
 def clip_gpt_loss(model, head: EmbeddingHead, caption_batch: dict, embed_inputs: dict, targets: torch.Tensor,
@@ -101,6 +128,96 @@ def retrieval_recall(model, head: EmbeddingHead, tokenizer, embed_token_id: int,
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         predicted.append(predict_embeddings(model, head, caption_inputs(tokenizer, [r["caption"] for r in batch],
-                                                                        embed_token_id)))
+                                                                        embed_token_id)).float().cpu())
     targets = torch.tensor([row[r["image"]] for r in records])
     return {**recall_at_k(torch.cat(predicted), index, targets), "queries": len(records), "index_size": len(images)}
+
+
+# --- training the head in SFT (model.clip_head): examples, batches, loss ----------------------
+
+EMBED_KEYS = ("embed_input_ids", "embed_attention_mask", "embed_positions", "embed_image_rows")
+
+
+class CaptionEmbeddingExamples(torch.utils.data.Dataset):
+    """Caption SFT examples (a SupervisedDataset of caption_items) that also carry
+    `caption <clip>` ids for the head: the caption's supervised tokens without the EOS."""
+
+    def __init__(self, captions, embed_token_id: int):
+        self.captions = captions
+        self.embed_token_id = embed_token_id
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.captions[index]
+        caption = [t for t, label in zip(item["input_ids"], item["labels"]) if label != IGNORE_INDEX][:-1]
+        return {**item, "embed_ids": caption + [self.embed_token_id]}
+
+
+class EmbeddingCollator(VLMCollator):
+    """VLMCollator plus, for the rows that carry `embed_ids`, the padded `caption <clip>` rows
+    (EMBED_KEYS) and which of the batch's stacked images is each row's target."""
+
+    def __call__(self, batch: list[dict]) -> dict:
+        out = super().__call__(batch)
+        image_key = "pixel_values" if "pixel_values" in batch[0] else IMAGE_FEATURES
+        image_rows, rows, image_row = [], [], 0
+        for item in batch:
+            has_image = item.get(image_key) is not None
+            if item.get("embed_ids") is not None:
+                if not has_image:
+                    raise ValueError("a caption -> embedding example without an image has no target")
+                rows.append(item["embed_ids"])
+                image_rows.append(image_row)
+            image_row += has_image
+        if rows:
+            padded = pad_embedding_rows(rows, self.pad_token_id)
+            out.update({"embed_input_ids": padded["input_ids"], "embed_attention_mask": padded["attention_mask"],
+                        "embed_positions": padded["positions"], "embed_image_rows": torch.tensor(image_rows)})
+        return out
+
+
+def pop_embedding_inputs(inputs: dict) -> dict | None:
+    """Takes EMBED_KEYS out of a batch (the model's forward must not see them); None if absent."""
+    if "embed_input_ids" not in inputs:
+        return None
+    return {key: inputs.pop(key) for key in EMBED_KEYS}
+
+
+def pooled_image_embeddings(model, images: torch.Tensor, input_name: str) -> torch.Tensor:
+    """[batch, vision width]: the CLS row at `vision_feature_layer`, i.e. row 0 of what the
+    feature cache stores, from cached features or from pixels through the vision tower."""
+    if input_name == IMAGE_FEATURES:
+        return images[:, 0]
+    llava = llava_of(model)
+    with torch.no_grad():  # a target, not a path for gradients
+        return vision_features(llava.model.vision_tower, images, llava.config.vision_feature_layer)[:, 0]
+
+
+def embedding_loss(model, embed_inputs: dict, images: torch.Tensor, input_name: str) -> torch.Tensor:
+    """MSE between the head's prediction at each `<clip>` and its image's pooled CLIP embedding."""
+    targets = pooled_image_embeddings(model, images[embed_inputs["embed_image_rows"]], input_name)
+    predicted = predict_embeddings(model, embedding_head(model), {
+        "input_ids": embed_inputs["embed_input_ids"], "attention_mask": embed_inputs["embed_attention_mask"],
+        "positions": embed_inputs["embed_positions"]})
+    return F.mse_loss(predicted.float(), targets.float())
+
+
+class TowerEmbeddings:
+    """Stands in for a FeatureStore when there is no feature cache: each image's CLS row,
+    computed once through the vision tower in batches. `store(image)` -> [1, width]."""
+
+    def __init__(self, model, image_cache, images: list[str], batch_size: int = 64):
+        from tqdm.auto import tqdm
+
+        self.rows: dict[str, torch.Tensor] = {}
+        device = next(model.parameters()).device
+        for start in tqdm(range(0, len(images), batch_size), desc="image index", unit="batch"):
+            batch = images[start:start + batch_size]
+            pixels = torch.stack([image_cache(image) for image in batch]).to(device)
+            pooled = pooled_image_embeddings(model, pixels, "pixel_values").float().cpu()
+            self.rows.update({image: row[None] for image, row in zip(batch, pooled)})
+
+    def __call__(self, image: str) -> torch.Tensor:
+        return self.rows[image]

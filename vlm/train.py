@@ -208,7 +208,7 @@ def quantization_config(bits: int | None):
     # transformers 5 matches these from the start of a module's full name (or as its
     # suffix), so the parts are named by their full paths: a bare "vision_tower" matched
     # nothing and the projector and the vision tower were quantized too.
-    skip = ["model.multi_modal_projector", "model.vision_tower", "lm_head"]
+    skip = ["model.multi_modal_projector", "model.vision_tower", "lm_head", "embedding_head"]  # + model.clip_head's
     if bits == 4:
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -222,15 +222,39 @@ def quantization_config(bits: int | None):
 class VLMTrainer(Trainer):
     """HF Trainer with one learning rate per model part (vision / projector / language)."""
 
-    def __init__(self, *args, part_lrs: dict[str, float], **kwargs):
+    def __init__(self, *args, part_lrs: dict[str, float], embedding_loss_weight: float = 0.0, **kwargs):
         self.part_lrs = part_lrs
+        self.embedding_loss_weight = embedding_loss_weight  # model.clip_head: weight of the MSE
+        self._embedding_mse: list[float] = []
         super().__init__(*args, **kwargs)
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from vlm.retrieval import embedding_loss, pop_embedding_inputs
+
+        inputs = dict(inputs)
+        embed_inputs = pop_embedding_inputs(inputs)  # caption -> CLIP embedding rows (EmbeddingCollator)
+        image_key = IMAGE_FEATURES if IMAGE_FEATURES in inputs else "pixel_values"
+        images = inputs.get(image_key)
         if IMAGE_FEATURES in inputs:  # cached vision features: projected here, merged by Llava
-            inputs = dict(inputs)
             inputs.update(image_inputs(model, inputs.pop(IMAGE_FEATURES), IMAGE_FEATURES))
-        return super().compute_loss(model, inputs, *args, **kwargs)
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch)
+        if embed_inputs is None or not self.embedding_loss_weight:
+            return out
+        mse = embedding_loss(model, embed_inputs, images, image_key)
+        self._embedding_mse.append(mse.item())
+        extra = self.embedding_loss_weight * mse
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # The CE is already normalised over the accumulated micro-batches, so the Trainer
+            # will not divide the sum by grad_accum; the per-micro-batch MSE needs it.
+            extra = extra / self.current_gradient_accumulation_steps
+        return (out[0] + extra, out[1]) if return_outputs else out + extra
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._embedding_mse and "loss" in logs:  # mean caption -> embedding MSE since the last log
+            logs["embedding_mse"] = round(sum(self._embedding_mse) / len(self._embedding_mse), 6)
+            self._embedding_mse.clear()
+        super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
@@ -416,7 +440,10 @@ def prepare_for_training(model, processor, config: TrainConfig, base_dir: Path |
         )
     set_trainable(model, config)
     if config.lora.enabled:
-        model = apply_lora(model, config)
+        from vlm.retrieval import embedding_head
+
+        # model.clip_head: the new head trains and is saved in full, as the projector is
+        model = apply_lora(model, config, extra_modules_to_save=["embedding_head"] if embedding_head(model) is not None else ())
     return model
 
 
@@ -424,18 +451,22 @@ def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path
                   callbacks=()) -> VLMTrainer:
     """The HF Trainer of a stage: checkpoints in <work_dir>/checkpoints, per-part learning rates."""
     from vlm.data import VLMCollator
+    from vlm.retrieval import EmbeddingCollator, embedding_head
 
     if schedule_phases(config):
         callbacks = [UnfreezeSchedule(model, config), *callbacks]
     if getattr(config, "max_train_seconds", None):
         callbacks = [*callbacks, TimeLimit(config.max_train_seconds)]
+    # model.clip_head: caption rows also train the caption -> CLIP embedding head
+    with_head = embedding_head(model) is not None
     return VLMTrainer(
         model=model,
         args=training_arguments(config, work_dir / "checkpoints", seed),
         train_dataset=dataset,
-        data_collator=VLMCollator(processor.tokenizer.pad_token_id),
+        data_collator=(EmbeddingCollator if with_head else VLMCollator)(processor.tokenizer.pad_token_id),
         callbacks=list(callbacks),
         part_lrs=part_learning_rates(config),
+        embedding_loss_weight=getattr(config, "clip_loss_weight", 0.0) if with_head else 0.0,
     )
 
 
