@@ -65,6 +65,29 @@ def config_fingerprint(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def set_aside_other_configs_state(stage_dir: Path, fingerprint: str, force: bool) -> None:
+    """A stage resumes from its checkpoints only when they were made with the same config.
+
+    A stage records the config it starts with. Started again with another config (or with
+    --force), its checkpoints (and SFT's saved processor) belong to that other config: they
+    are moved aside to `<name>-<their config>` (never deleted), so the stage starts fresh
+    instead of resuming a run of different settings."""
+    started = stage_dir / "started.json"
+    previous = json.loads(started.read_text()).get("config") if started.is_file() else None
+    if force or previous != fingerprint:
+        for name in ("checkpoints", "processor"):
+            state = stage_dir / name
+            if state.exists():
+                aside = stage_dir / f"{name}-{previous or 'unknown-config'}"
+                suffix = 1
+                while aside.exists():
+                    aside, suffix = stage_dir / f"{name}-{previous or 'unknown-config'}-{suffix}", suffix + 1
+                state.rename(aside)
+                print(f"== {stage_dir.name}: {state} is from another config; moved to {aside}, starting fresh",
+                      flush=True)
+    write_json(started, {"config": fingerprint})
+
+
 def labeling_instructions(config: RunConfig, config_path: str, overrides: list[str], later: list[str]) -> str:
     """What to do after `sample` when labels come from people (no autolabel stage)."""
     db = config.labels_db
@@ -84,6 +107,7 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
         if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
             print(f"== {stage}: done earlier with this config, skipping (--force to rerun)", flush=True)
             continue
+        set_aside_other_configs_state(run_dir / stage, fingerprint, force)
         command = stage_command(config, stage, config_path, overrides)
         print(f"== {stage}: {' '.join(command)}", flush=True)
         started = time.perf_counter()

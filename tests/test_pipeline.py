@@ -75,3 +75,26 @@ def test_without_autolabel_the_run_stops_after_sample_and_says_how_to_label_and_
     out = capsys.readouterr().out
     assert f"vqa-rlhf label --db {tmp_path / 'people' / 'labels' / 'labels.db'}" in out
     assert f"./launch.sh configs/default.yaml output_root={tmp_path} name=people --stages rm,ppo" in out
+
+
+def test_a_stage_resumes_its_own_checkpoints_but_never_those_of_another_config(tmp_path, monkeypatch):
+    from stages import pipeline
+    from vlm.config import load_config
+
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda command: 0)
+    checkpoints = tmp_path / "ppo-run" / "ppo" / "checkpoints"
+
+    def run(*overrides):
+        overrides = [f"output_root={tmp_path}", "name=ppo-run", *overrides]
+        config = load_config(REPO / "configs/default.yaml", overrides)
+        pipeline.run(config, "configs/default.yaml", ["ppo"], overrides, False)
+        (tmp_path / "ppo-run" / "ppo" / "done.json").unlink()  # as if killed before it finished
+        return pipeline.config_fingerprint(config)
+
+    first = run()
+    (checkpoints / "checkpoint-20").mkdir(parents=True)
+    run()  # same config: the checkpoint stays to be resumed from
+    assert (checkpoints / "checkpoint-20").is_dir()
+    run("ppo.kl_coef=0.5")  # another config: set aside, kept, and the stage starts fresh
+    assert not checkpoints.exists()
+    assert (checkpoints.parent / f"checkpoints-{first}" / "checkpoint-20").is_dir()
