@@ -57,3 +57,12 @@ def tiny_model(tiny_processor):
     torch.manual_seed(0)
     config = load_config(REPO / "configs/default.yaml", TINY_MODEL)
     return build_model(config.model, tiny_processor)
+
+
+@pytest.fixture
+def saved_tiny_model(tiny_model, tiny_processor, tmp_path) -> Path:
+    """The tiny model and its processor saved as a stage saves its final model."""
+    path = tmp_path / "saved-model"
+    tiny_model.save_pretrained(path)
+    tiny_processor.save_pretrained(path)
+    return path

@@ -26,17 +26,9 @@ from conftest import TINY_MODEL
 
 
 @pytest.fixture
-def saved_model(tiny_model, tiny_processor, tmp_path):
-    path = tmp_path / "model"
-    tiny_model.save_pretrained(path)
-    tiny_processor.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
-def cache_dir(saved_model, tiny_data_dir, tmp_path):
+def cache_dir(saved_tiny_model, tiny_data_dir, tmp_path):
     out = tmp_path / "features"
-    build_cache(str(saved_model), tiny_data_dir, out, batch_size=16)
+    build_cache(str(saved_tiny_model), tiny_data_dir, out, batch_size=16)
     return out
 
 
@@ -85,19 +77,19 @@ def test_generation_from_cached_features_gives_the_same_answers(cache_dir, tiny_
     assert with_cache == with_pixels
 
 
-def test_an_interrupted_build_resumes_where_it_stopped_and_ends_identical(saved_model, tiny_data_dir, tmp_path,
+def test_an_interrupted_build_resumes_where_it_stopped_and_ends_identical(saved_tiny_model, tiny_data_dir, tmp_path,
                                                                          cache_dir):
     out = tmp_path / "resumed"
-    first = build_cache(str(saved_model), tiny_data_dir, out, batch_size=16, max_batches=1)
+    first = build_cache(str(saved_tiny_model), tiny_data_dir, out, batch_size=16, max_batches=1)
     assert first["done"] == 16 and first["encoded_now"] == 16
     with pytest.raises(ValueError, match="incomplete cache"):
         FeatureStore(out)
-    second = build_cache(str(saved_model), tiny_data_dir, out, batch_size=16)
+    second = build_cache(str(saved_tiny_model), tiny_data_dir, out, batch_size=16)
     assert second["encoded_now"] == 42 - 16 and second["done"] == 42
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(cache_dir / "features.npy"))
 
 
-def test_a_cache_of_another_model_is_refused_when_building_and_when_training(saved_model, tiny_data_dir, tmp_path,
+def test_a_cache_of_another_model_is_refused_when_building_and_when_training(saved_tiny_model, tiny_data_dir, tmp_path,
                                                                             cache_dir, tiny_model, tiny_processor):
     with torch.no_grad():
         tiny_model.model.vision_tower.embeddings.patch_embedding.weight.add_(0.1)
@@ -122,13 +114,13 @@ def test_a_cache_made_for_another_feature_layer_or_image_size_is_a_mismatch(cach
         open_for_model(cache_dir, tiny_model, tiny_processor_other, "model")
 
 
-def test_unreadable_images_are_recorded_and_become_counted_rejects(saved_model, tiny_data_dir, tmp_path, tiny_processor):
+def test_unreadable_images_are_recorded_and_become_counted_rejects(saved_tiny_model, tiny_data_dir, tmp_path, tiny_processor):
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_data_dir, data_dir)
     broken = dataset_images(data_dir)[3]
     (data_dir / broken).write_bytes(b"not a png")
     out = tmp_path / "features"
-    counts = build_cache(str(saved_model), data_dir, out, batch_size=16)
+    counts = build_cache(str(saved_tiny_model), data_dir, out, batch_size=16)
     assert counts["failed"] == 1
     assert "image unreadable" in json.loads((out / "progress.json").read_text())["failed"][broken]
     rejects = RejectLog(tmp_path / "rejects.jsonl", "skip")
@@ -139,8 +131,8 @@ def test_unreadable_images_are_recorded_and_become_counted_rejects(saved_model, 
 
 
 def test_sft_and_eval_use_the_cache_with_a_frozen_tower_and_refuse_a_foreign_one(
-        tiny_overrides, saved_model, tiny_data_dir, cache_dir, tmp_path, capsys):
-    overrides = [*tiny_overrides, f"model.checkpoint={saved_model}", f"data.feature_cache={cache_dir}",
+        tiny_overrides, saved_tiny_model, tiny_data_dir, cache_dir, tmp_path, capsys):
+    overrides = [*tiny_overrides, f"model.checkpoint={saved_tiny_model}", f"data.feature_cache={cache_dir}",
                  "sft.freeze_vision=true", "sft.steps=2", "sft.save_steps=2", "eval.max_samples=8"]
     config = load_config(DEFAULT_CONFIG, overrides)
     metrics = sft.train(config)
@@ -156,9 +148,9 @@ def test_sft_and_eval_use_the_cache_with_a_frozen_tower_and_refuse_a_foreign_one
         evaluate.evaluate(trains_vision, trains_vision.run_dir / "sft" / "final", "stale")
 
 
-def test_the_command_line_builds_a_cache(saved_model, tiny_data_dir, tmp_path, capsys):
+def test_the_command_line_builds_a_cache(saved_tiny_model, tiny_data_dir, tmp_path, capsys):
     out = tmp_path / "cli-features"
-    assert features_main(["--model", str(saved_model), "--data", str(tiny_data_dir), "--out", str(out),
+    assert features_main(["--model", str(saved_tiny_model), "--data", str(tiny_data_dir), "--out", str(out),
                           "--dtype", "float16"]) == 0
     assert "42 of 42 images" in capsys.readouterr().out
     assert np.load(out / "features.npy", mmap_mode="r").dtype == np.float16

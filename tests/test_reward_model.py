@@ -15,17 +15,9 @@ from rewards.train_rm import pairwise_loss, pointwise_loss
 
 
 @pytest.fixture
-def sft_dir(tiny_model, tiny_processor, tmp_path):
-    out = tmp_path / "sft-final"
-    tiny_model.save_pretrained(out)
-    tiny_processor.save_pretrained(out)
-    return out
-
-
-@pytest.fixture
-def reward_model(sft_dir):
+def reward_model(saved_tiny_model):
     torch.manual_seed(0)
-    model = RewardModel.from_sft(sft_dir).eval()
+    model = RewardModel.from_sft(saved_tiny_model).eval()
     torch.nn.init.normal_(model.score.weight, std=1.0)  # a head that reacts visibly to its input
     return model
 
@@ -148,7 +140,7 @@ def planted_labels(data_dir, out_dir, per_image: int = 4):
 
 
 @pytest.mark.parametrize("objective,lora", [("pointwise", False), ("pairwise", False), ("pointwise", True)])
-def test_rm_stage_on_planted_labels(objective, lora, sft_dir, tiny_data_dir, tiny_overrides, tmp_path):
+def test_rm_stage_on_planted_labels(objective, lora, saved_tiny_model, tiny_data_dir, tiny_overrides, tmp_path):
     from vlm.config import load_config
     from stages.rm import train
 
@@ -157,7 +149,7 @@ def test_rm_stage_on_planted_labels(objective, lora, sft_dir, tiny_data_dir, tin
         *tiny_overrides, f"rm.objective={objective}", "rm.steps=30", "rm.batch_size=16", "rm.lr=3e-3",
         "rm.warmup_steps=0", "rm.save_steps=100", "rm.logging_steps=10", "rm.heldout_fraction=0.3",
         f"rm.lora.enabled={str(lora).lower()}", "rm.lora.r=4"])
-    metrics = train(config, labels, sft_dir, tmp_path / "rm")
+    metrics = train(config, labels, saved_tiny_model, tmp_path / "rm")
     saved = json.loads((tmp_path / "rm" / "metrics.json").read_text())
     assert saved["accuracy"] == metrics["accuracy"] and 0 <= metrics["accuracy"] <= 100
     assert metrics["heldout_labels"] > 0 and metrics["train_labels"] > 0

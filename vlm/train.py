@@ -47,7 +47,7 @@ def gpt2_block(name: str) -> int | None:
 
 def frozen_blocks(model: torch.nn.Module, config: TrainConfig) -> set[int]:
     """GPT-2 blocks that never train: the first `freeze_first_blocks` and last `freeze_last_blocks`."""
-    first, last = getattr(config, "freeze_first_blocks", 0), getattr(config, "freeze_last_blocks", 0)
+    first, last = config.freeze_first_blocks, config.freeze_last_blocks
     if not (first or last):
         return set()
     n_layer = llava_text_config(model).n_layer
@@ -67,7 +67,7 @@ def schedule_phases(config: TrainConfig) -> list[tuple[str, int, set[str]]]:
 
     Each entry is {at_step: N, train: [parts]} or {at_epoch: N, train: [parts]}; parts are
     vision, projector, language or all. The first entry must start at 0, units not mixed."""
-    schedule = getattr(config, "unfreeze_schedule", None) or []
+    schedule = config.unfreeze_schedule or []
     phases = []
     for i, entry in enumerate(schedule):
         where = f"unfreeze_schedule[{i}]"
@@ -319,7 +319,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, seed: int, **overr
         weight_decay=config.weight_decay,
         warmup_steps=config.warmup_steps,
         lr_scheduler_type=config.schedule,
-        optim=getattr(config, "optim", "adamw_torch"),
+        optim=config.optim,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -455,7 +455,7 @@ def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path
 
     if schedule_phases(config):
         callbacks = [UnfreezeSchedule(model, config), *callbacks]
-    if getattr(config, "max_train_seconds", None):
+    if config.max_train_seconds:
         callbacks = [*callbacks, TimeLimit(config.max_train_seconds)]
     # model.clip_head: caption rows also train the caption -> CLIP embedding head
     with_head = embedding_head(model) is not None
@@ -466,7 +466,7 @@ def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path
         data_collator=(EmbeddingCollator if with_head else VLMCollator)(processor.tokenizer.pad_token_id),
         callbacks=list(callbacks),
         part_lrs=part_learning_rates(config),
-        embedding_loss_weight=getattr(config, "clip_loss_weight", 0.0) if with_head else 0.0,
+        embedding_loss_weight=config.clip_loss_weight if with_head else 0.0,
     )
 
 
