@@ -1,13 +1,16 @@
 """PPO throughput: rollout and update samples/s of the image-aware PPO trainer (stages/ppo.py).
 
-    vqa-rlhf bench-ppo [--models default,gpt2-124m] [--updates 3] [--threads N]
+    vqa-rlhf bench-ppo [--models default,gpt2-124m] [--images pixels,features] [--updates 3] [--threads N]
 
 For each model (built from configs, random weights, no downloads; the shapes of
 bench/sft_throughput.py) it builds the policy, a reference copy, and a reward and a
-value model on the same backbone, then times the two halves of a PPO update:
+value model on the same backbone, vision towers frozen (ppo.freeze_vision, the default),
+then times the two halves of a PPO update:
   rollout: sampling ppo.max_new_tokens tokens with the image, then the policy,
            reference, value and reward forwards over prompt + answer;
   update:  advantages and ppo_epochs x mini_batches policy+value forward/backward/AdamW.
+Each model runs once per image input: "pixels" (every model runs its CLIP tower) and
+"features" (cached CLIP features, data.feature_cache: the towers never run), side by side.
 Random weights rarely emit EOS, so every answer runs to the token limit: the worst case.
 """
 from __future__ import annotations
@@ -28,11 +31,12 @@ class _TokenIds:
     pad_token_id = eos_token_id = 0
 
 
-def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int):
+def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int, images: str):
     from trl.experimental.ppo import PPOConfig as TRLPPOConfig
 
     from rewards.reward_model import RewardModel, RewardModelConfig
     from stages.ppo import PromptCollator, VisionPPOTrainer
+    from vlm.features import IMAGE_FEATURES
 
     torch.manual_seed(0)
     policy = build(bench)
@@ -40,10 +44,15 @@ def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, 
     reward = RewardModel(RewardModelConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"}))
     value = copy.deepcopy(reward)
     ref = copy.deepcopy(policy).eval()
-    size = config.vision_config.image_size
+    for model in (policy, value):
+        model.model.vision_tower.requires_grad_(False)
+    vision = config.vision_config
+    image_shape = {"pixel_values": (3, vision.image_size, vision.image_size),
+                   IMAGE_FEATURES: (1 + (vision.image_size // vision.patch_size) ** 2, vision.hidden_size)}
+    input_name = {"pixels": "pixel_values", "features": IMAGE_FEATURES}[images]
     prompt = lambda: ([5, 6, 7] + [config.image_token_index] * config.image_seq_length
                       + torch.randint(10, bench.vocab_size - 2, (bench.text_tokens - 6,)).tolist())
-    dataset = [{"input_ids": prompt(), "pixel_values": torch.randn(3, size, size), "answers": []}
+    dataset = [{"input_ids": prompt(), input_name: torch.randn(image_shape[input_name]), "answers": []}
                for _ in range(batch_size)]
     args = TRLPPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, num_mini_batches=mini_batches,
@@ -54,12 +63,13 @@ def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, 
     return VisionPPOTrainer(
         args=args, processing_class=_TokenIds(), model=policy, ref_model=ref, reward_model=reward,
         value_model=value, train_dataset=dataset, eval_dataset=dataset, data_collator=PromptCollator(0),
-        image_token_id=config.image_token_index, max_grad_norm=1.0,
+        image_token_id=config.image_token_index, max_grad_norm=1.0, policy_input=input_name, critic_input=input_name,
     )
 
 
-def bench_model(bench, updates: int, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int) -> dict:
-    trainer = build_trainer(bench, batch_size, max_new_tokens, ppo_epochs, mini_batches)
+def bench_model(bench, updates: int, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int,
+                images: str) -> dict:
+    trainer = build_trainer(bench, batch_size, max_new_tokens, ppo_epochs, mini_batches, images)
     batch = next(iter(trainer.dataloader))
     rollout_s, update_s = [], []
     for i in range(updates + 1):  # the first update warms up
@@ -75,7 +85,7 @@ def bench_model(bench, updates: int, batch_size: int, max_new_tokens: int, ppo_e
             rollout_s.append(middle - start)
             update_s.append(end - middle)
     rollout_t, update_t = sorted(rollout_s)[len(rollout_s) // 2], sorted(update_s)[len(update_s) // 2]
-    return {"model": bench.name, "batch": batch_size, "prompt": batch["input_ids"].shape[1],
+    return {"model": bench.name, "images": images, "batch": batch_size, "prompt": batch["input_ids"].shape[1],
             "answer_tokens": int(rollout["response_mask"].sum(1).float().mean()),
             "rollout_s": rollout_t, "update_s": update_t, "rollout_sps": batch_size / rollout_t,
             "update_sps": batch_size / update_t, "total_sps": batch_size / (rollout_t + update_t)}
@@ -85,6 +95,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vqa-rlhf bench-ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="default,gpt2-124m", help=f"comma-separated, of {','.join(MODELS)}")
+    parser.add_argument("--images", default="pixels,features",
+                        help="image inputs to time, comma-separated: pixels, features (cached CLIP features)")
     parser.add_argument("--updates", type=int, default=3, help="timed updates per model (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="rollouts per update (default: 64 for default, 8 for gpt2-124m)")
@@ -97,18 +109,26 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    image_inputs = args.images.split(",")
+    if not set(image_inputs) <= {"pixels", "features"}:
+        parser.error(f"--images: pixels and/or features, not {args.images!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"PPO, {args.max_new_tokens} new tokens, {args.ppo_epochs} epochs x {args.mini_batches} minibatches, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'model':<22}{'batch':>6}{'prompt':>7}{'answer':>7}{'rollout s':>10}{'update s':>9}"
-          f"{'rollout/s':>10}{'update/s':>9}{'samples/s':>10}")
+    print(f"{'model':<22}{'images':>9}{'batch':>6}{'prompt':>7}{'answer':>7}{'rollout s':>10}{'update s':>9}"
+          f"{'rollout/s':>10}{'update/s':>9}{'samples/s':>10}{'vs pixels':>10}")
     for name in names:
         batch_size = args.batch_size or (64 if name == "default" else 8)
-        r = bench_model(MODELS[name], args.updates, batch_size, args.max_new_tokens, args.ppo_epochs, args.mini_batches)
-        print(f"{r['model']:<22}{r['batch']:>6}{r['prompt']:>7}{r['answer_tokens']:>7}{r['rollout_s']:>10.3f}"
-              f"{r['update_s']:>9.3f}{r['rollout_sps']:>10.1f}{r['update_sps']:>9.1f}{r['total_sps']:>10.1f}",
-              flush=True)
+        pixels_sps = None
+        for images in image_inputs:
+            r = bench_model(MODELS[name], args.updates, batch_size, args.max_new_tokens, args.ppo_epochs,
+                            args.mini_batches, images)
+            pixels_sps = r["total_sps"] if images == "pixels" else pixels_sps
+            speedup = f"{r['total_sps'] / pixels_sps:.2f}x" if pixels_sps else "-"
+            print(f"{r['model']:<22}{images:>9}{r['batch']:>6}{r['prompt']:>7}{r['answer_tokens']:>7}"
+                  f"{r['rollout_s']:>10.3f}{r['update_s']:>9.3f}{r['rollout_sps']:>10.1f}{r['update_sps']:>9.1f}"
+                  f"{r['total_sps']:>10.1f}{speedup:>10}", flush=True)
     return 0
 
 

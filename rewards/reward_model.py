@@ -56,19 +56,22 @@ class RewardModel(LlavaPreTrainedModel):
             nn.init.normal_(module.weight, std=1e-3)
             nn.init.zeros_(module.bias)
 
-    def token_values(self, input_ids, attention_mask, pixel_values, position_ids=None) -> torch.Tensor:
-        """A scalar per token (B, T): the value model's view."""
+    def token_values(self, input_ids, attention_mask, pixel_values=None, position_ids=None,
+                     mm_encoder_outputs=None) -> torch.Tensor:
+        """A scalar per token (B, T): the value model's view. The image comes as pixels or as
+        projected cached features (`mm_encoder_outputs`, from vlm.features.image_inputs)."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         hidden = self.model(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-            position_ids=position_ids, use_cache=False,
+            mm_encoder_outputs=mm_encoder_outputs, position_ids=position_ids, use_cache=False,
         ).last_hidden_state
         return self.score(hidden).squeeze(-1)
 
-    def forward(self, input_ids, attention_mask, pixel_values, position_ids=None, **kwargs) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, pixel_values=None, position_ids=None, mm_encoder_outputs=None,
+                **kwargs) -> torch.Tensor:
         """One reward per row (B,): the head's output at the last unmasked token."""
-        values = self.token_values(input_ids, attention_mask, pixel_values, position_ids)
+        values = self.token_values(input_ids, attention_mask, pixel_values, position_ids, mm_encoder_outputs)
         rows = torch.arange(values.shape[0], device=values.device)
         return values[rows, last_token_index(attention_mask)]
 

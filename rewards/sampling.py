@@ -47,9 +47,10 @@ def sample_candidates(model, processor, records, images, prompt_template: str, k
         batch = records[start:start + batch_size]
         pixel_values = torch.stack([images(r["image"]) for r in batch])
         prompts = [vqa_prompt(prompt_template, r["question"]) for r in batch]
-        greedy = generate(model, processor.tokenizer, prompts, pixel_values, greedy_decoding, max_length)
+        greedy = generate(model, processor.tokenizer, prompts, pixel_values, greedy_decoding, max_length,
+                          image_input_name=images.input_name)
         sampled = generate(model, processor.tokenizer, prompts, pixel_values, sample_decoding, max_length,
-                           num_return_sequences=k) if k > 0 else []
+                           num_return_sequences=k, image_input_name=images.input_name) if k > 0 else []
         for i, record in enumerate(batch):
             # generate() returns the K sequences of a prompt next to each other
             candidates, empty = merge_candidates(greedy[i], sampled[i * k:(i + 1) * k])

@@ -7,8 +7,11 @@
 setup: policy = <run>/sft/final (full or LoRA: then the reference is the policy with the
        adapter disabled, else a frozen copy); reward model = <run>/rm/final; value model =
        a copy of the reward model; queries = train-split VQA prompts with their images
+       (with data.feature_cache and ppo.freeze_vision: cached CLIP features for every model
+       whose tower made the cache, pixels for one whose tower differs, e.g. a reward model
+       trained with its vision unfrozen)
 train: trl 1.12 `trl.experimental.ppo.PPOTrainer`, subclassed (VisionPPOTrainer) so that
-       pixel_values reach rollout generation, the policy / reference log-probs, the value
+       the image reaches rollout generation, the policy / reference log-probs, the value
        and reward forwards and every PPO minibatch step; checkpoints every ppo.save_steps,
        resume after a kill; held-out VQA accuracy every ppo.eval_steps
 log:   <run>/ppo/log.jsonl every update: mean reward, KL, response length, entropy, and the
@@ -36,12 +39,13 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, set_seed
 from trl.experimental.ppo import PPOConfig as TRLPPOConfig, PPOTrainer
-from trl.experimental.ppo.ppo_trainer import masked_mean, masked_whiten
+from trl.experimental.ppo.ppo_trainer import PolicyAndValueWrapper, masked_mean, masked_whiten
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, check_vqa_record, load_split, prompt_ids, vqa_prompt
+from vlm.features import FeatureCacheMismatch, image_inputs, image_source, open_for_model
 from vlm.generate import answer_questions
 from vlm.model import load_model
 from vlm.train import apply_lora, save_final, set_trainable
@@ -53,12 +57,18 @@ from stages.common import config_from_args, stage_parser, write_json
 # ---------------------------------------------------------------- queries
 
 class PromptDataset(torch.utils.data.Dataset):
-    """VQA prompts (image placeholder expanded) with their image and ground truth."""
+    """VQA prompts (image placeholder expanded) with their image and ground truth.
 
-    def __init__(self, records, tokenizer, images: ImageCache, template: str, image_seq_length: int):
+    `image_sources` maps a batch key ("pixel_values", "image_features") to the source that
+    fills it (vlm.data.ImageCache, vlm.features.FeatureStore): one per kind of image input
+    the models need. Images are read when an item is, so a VQA v2-sized prompt set does not
+    have to fit in memory."""
+
+    def __init__(self, records, tokenizer, image_sources: dict, template: str, image_seq_length: int):
+        self.image_sources = image_sources
         self.items = [
             {"input_ids": prompt_ids(tokenizer, vqa_prompt(template, r["question"]), image_seq_length),
-             "pixel_values": images(r["image"]), "answers": list(r["answers"])}
+             "image": r["image"], "answers": list(r["answers"])}
             for r in records
         ]
 
@@ -66,7 +76,9 @@ class PromptDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, index):
-        return self.items[index]
+        item = self.items[index]
+        return {"input_ids": item["input_ids"], "answers": item["answers"],
+                **{key: source(item["image"]) for key, source in self.image_sources.items()}}
 
 
 @dataclass
@@ -81,8 +93,9 @@ class PromptCollator:
         for row, item in enumerate(items):
             input_ids[row, width - len(item["input_ids"]):] = torch.tensor(item["input_ids"])
             attention_mask[row, width - len(item["input_ids"]):] = 1
+        image_keys = [key for key in items[0] if key not in ("input_ids", "answers")]
         return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+                "images": {key: torch.stack([item[key] for item in items]) for key in image_keys},
                 "answers": [item["answers"] for item in items]}
 
 
@@ -97,6 +110,22 @@ def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the trainer
 
+class VisionPolicyAndValue(PolicyAndValueWrapper):
+    """Upstream's policy + critic pair (one module, so DDP and DeepSpeed see one model), with
+    an image input for each: the policy may read cached features while the critic reads
+    pixels. `images` holds the batch's image tensors by key; the cached features go through
+    each model's projector here, inside the forward that gets the gradient."""
+
+    policy_input = "pixel_values"
+    value_input = "pixel_values"
+
+    def forward(self, images: dict, **kwargs):
+        value_images = image_inputs(self.value_model, images[self.value_input], self.value_input)
+        output = self.critic_backbone(**kwargs, **value_images)
+        values = self.value_model.score(output.hidden_states[-1])
+        return self.policy(**kwargs, **image_inputs(self.policy, images[self.policy_input], self.policy_input)), values
+
+
 class VisionPPOTrainer(PPOTrainer):
     """trl 1.12's PPOTrainer with images.
 
@@ -104,9 +133,10 @@ class VisionPPOTrainer(PPOTrainer):
     from `ids != pad_token_id`. Here the loop is the same algorithm (rollout -> KL-shaped
     rewards -> GAE -> clipped policy and value losses over minibatches, the same config
     fields and the same metric names), with these differences:
-      * pixel_values go into generation, the policy / reference / value / reward forwards
-        and the minibatch update (through upstream's PolicyAndValueWrapper, so DDP and
-        DeepSpeed see one module);
+      * the image goes into generation, the policy / reference / value / reward forwards
+        and the minibatch update (through VisionPolicyAndValue, so DDP and DeepSpeed see
+        one module): as pixels, or as cached CLIP features for the models named by
+        `policy_input` (policy and reference) and `critic_input` (value and reward);
       * attention masks come from the collator (left padding) and from the first EOS of
         each response, never from the pad id: GPT-2's pad is its EOS, and the EOS that ends
         an answer is part of the action and is what the reward model reads;
@@ -117,8 +147,15 @@ class VisionPPOTrainer(PPOTrainer):
         for the reward-hacking alarm and held-out evaluation.
     """
 
-    def __init__(self, *args, image_token_id: int, max_grad_norm: float, on_update=None, **kwargs):
+    def __init__(self, *args, image_token_id: int, max_grad_norm: float, on_update=None,
+                 policy_input: str = "pixel_values", critic_input: str = "pixel_values", **kwargs):
         super().__init__(*args, **kwargs)
+        # Upstream wraps policy and critic in its PolicyAndValueWrapper, which hands both the
+        # same inputs; ours gives each its own image input (the module is the same object).
+        pair = self.accelerator.unwrap_model(self.model)
+        pair.__class__ = VisionPolicyAndValue
+        pair.policy_input, pair.value_input = policy_input, critic_input
+        self.policy_input, self.critic_input = policy_input, critic_input
         self.image_token_id = image_token_id
         self.max_grad_norm = max_grad_norm
         self.on_update = on_update  # (trainer, update, rollout, metrics) -> None; may add to metrics
@@ -132,9 +169,9 @@ class VisionPPOTrainer(PPOTrainer):
         logits[..., self.image_token_id] = torch.finfo(logits.dtype).min
         return logits
 
-    def _logprobs(self, policy, seq, mask, pixel_values, context_length, responses):
+    def _logprobs(self, policy, seq, mask, images, context_length, responses):
         out = policy(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                     pixel_values=pixel_values, use_cache=False)
+                     **image_inputs(policy, images[self.policy_input], self.policy_input), use_cache=False)
         return selective_log_softmax(self._suppressed(out.logits[:, context_length - 1:-1]), responses)
 
     @torch.no_grad()
@@ -143,7 +180,7 @@ class VisionPPOTrainer(PPOTrainer):
         device = accelerator.device
         queries = batch["input_ids"].to(device)
         query_mask = batch["attention_mask"].to(device)
-        pixel_values = batch["pixel_values"].to(device)
+        images = {key: tensor.to(device) for key, tensor in batch["images"].items()}
         context_length = queries.shape[1]
         tokenizer = self.processing_class
         generation_config = GenerationConfig(
@@ -153,8 +190,9 @@ class VisionPPOTrainer(PPOTrainer):
         )
         with unwrap_model_for_generation(self.model, accelerator,
                                          gather_deepspeed3_params=args.ds3_gather_for_generation) as unwrapped:
-            generated = unwrapped.policy.generate(input_ids=queries, attention_mask=query_mask,
-                                                  pixel_values=pixel_values, generation_config=generation_config)
+            generated = unwrapped.policy.generate(
+                input_ids=queries, attention_mask=query_mask, generation_config=generation_config,
+                **image_inputs(unwrapped.policy, images[self.policy_input], self.policy_input))
         responses = generated[:, context_length:]
         if (responses == self.image_token_id).any():
             raise RuntimeError("PPO rollout sampled <image> although it is suppressed")
@@ -163,18 +201,21 @@ class VisionPPOTrainer(PPOTrainer):
         seq = torch.cat([queries, responses], 1)
         mask = torch.cat([query_mask, mask_r], 1)
         wrapper = accelerator.unwrap_model(self.model)
-        logprobs = self._logprobs(wrapper.policy, seq, mask, pixel_values, context_length, responses)
+        logprobs = self._logprobs(wrapper.policy, seq, mask, images, context_length, responses)
         if self.ref_model is None:  # LoRA: the reference is the policy with its adapter disabled
             with self.null_ref_context():
-                ref_logprobs = self._logprobs(wrapper.policy, seq, mask, pixel_values, context_length, responses)
+                ref_logprobs = self._logprobs(wrapper.policy, seq, mask, images, context_length, responses)
         else:
-            ref_logprobs = self._logprobs(self.ref_model, seq, mask, pixel_values, context_length, responses)
-        values = wrapper.value_model.token_values(seq, mask, pixel_values)[:, context_length - 1:-1]
-        scores = self.reward_model(seq, mask, pixel_values)  # read at each row's last real token
+            ref_logprobs = self._logprobs(self.ref_model, seq, mask, images, context_length, responses)
+        critic_images = images[self.critic_input]
+        values = wrapper.value_model.token_values(
+            seq, mask, **image_inputs(wrapper.value_model, critic_images, self.critic_input))[:, context_length - 1:-1]
+        # read at each row's last real token
+        scores = self.reward_model(seq, mask, **image_inputs(self.reward_model, critic_images, self.critic_input))
         has_eos = ((responses == tokenizer.eos_token_id) & mask_r.bool()).any(1)
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~has_eos).float()
-        return {"queries": queries, "seq": seq, "mask": mask, "pixel_values": pixel_values,
+        return {"queries": queries, "seq": seq, "mask": mask, "images": images,
                 "responses": responses, "response_mask": mask_r, "logprobs": logprobs,
                 "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
                 "context_length": context_length, "answers": batch["answers"]}
@@ -216,10 +257,11 @@ class VisionPPOTrainer(PPOTrainer):
                 idx = order[start:start + args.local_mini_batch_size].to(r["seq"].device)
                 valid = r["response_mask"][idx].bool()
                 seq, mask = r["seq"][idx], r["mask"][idx]
-                # One call through the (DDP / DeepSpeed) wrapper: policy logits + value per token, both with pixels.
+                # One call through the (DDP / DeepSpeed) wrapper: policy logits + value per token, both with the image.
                 output, vpred_all = self.model(
+                    images={key: tensor[idx] for key, tensor in r["images"].items()},
                     input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    pixel_values=r["pixel_values"][idx], output_hidden_states=True, return_dict=True, use_cache=False,
+                    output_hidden_states=True, return_dict=True, use_cache=False,
                 )
                 logits = self._suppressed(output.logits[:, context_length - 1:-1])
                 new_logprobs = selective_log_softmax(logits, r["responses"][idx])
@@ -347,11 +389,14 @@ class PPORun:
             for param in ref_model.parameters():
                 param.requires_grad_(False)
         self.processor = processor
-        self.images = ImageCache(processor.image_processor, cfg.data_dir)
+        self.images = image_source(cfg.data.feature_cache, cfg.data_dir, processor, policy, ppo.freeze_vision,
+                                   "the PPO policy")  # policy and reference; held-out evaluation
+        critic_images = self._critic_images(reward_model)
+        image_sources = {source.input_name: source for source in (self.images, critic_images)}
         train_records = [r for r in load_split(cfg.data_dir, "vqa", cfg.data.train_split) if check_vqa_record(r) is None]
         if ppo.max_prompts:
             train_records = train_records[:ppo.max_prompts]
-        dataset = PromptDataset(train_records, tokenizer, self.images, cfg.data.prompt_template,
+        dataset = PromptDataset(train_records, tokenizer, image_sources, cfg.data.prompt_template,
                                 policy.config.image_seq_length)
         val = load_split(cfg.data_dir, "vqa", cfg.data.val_split)
         self.val_records = [val[i] for i in range(min(ppo.eval_samples, len(val)))]
@@ -378,8 +423,24 @@ class PPORun:
             value_model=value_model, train_dataset=dataset, eval_dataset=dataset,
             data_collator=PromptCollator(tokenizer.pad_token_id), image_token_id=policy.config.image_token_index,
             max_grad_norm=ppo.max_grad_norm, on_update=self.on_update,
+            policy_input=self.images.input_name, critic_input=critic_images.input_name,
         )
         return self.trainer
+
+    def _critic_images(self, reward_model):
+        """The value and reward models' image source: the feature cache when it was made by their
+        tower (which PPO keeps frozen), else pixels. Their tower is the reward model's, which may
+        differ from the policy's (rm.freeze_vision=false): that is a reason for pixels, not an error."""
+        cfg = self.config
+        if cfg.data.feature_cache and cfg.ppo.freeze_vision:
+            try:
+                return open_for_model(cfg.data.feature_cache, reward_model, self.processor, "the reward model")
+            except FeatureCacheMismatch as mismatch:
+                print(f"note: the reward and value models read pixels: data.feature_cache was made by another "
+                      f"vision tower ({mismatch.details})", flush=True)
+        if isinstance(self.images, ImageCache):
+            return self.images
+        return ImageCache(self.processor.image_processor, cfg.data_dir)
 
     # -- per update: the reward-hacking alarm, held-out accuracy, checkpoints
 

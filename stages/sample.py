@@ -47,7 +47,8 @@ def ground_truth(record: dict) -> list[str]:
 def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     import torch  # here, not at the top: `vqa-rlhf sample --help` stays instant
 
-    from vlm.data import ImageCache, RejectLog, load_split
+    from vlm.data import RejectLog, load_split
+    from vlm.features import image_source
     from vlm.model import load_model
     from rewards.sampling import sample_candidates
 
@@ -68,7 +69,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     done = store.sampled_question_ids(checkpoint)
     torch.manual_seed(config.seed)
     model, processor = load_model(model_dir)
-    images = ImageCache(processor.image_processor, config.data_dir)
+    images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
     todo = []
     for record in records:
         if str(record["id"]) in done:

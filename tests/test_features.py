@@ -77,6 +77,28 @@ def test_generation_from_cached_features_gives_the_same_answers(cache_dir, tiny_
     assert with_cache == with_pixels
 
 
+def test_answers_sampled_for_labeling_from_cached_features_equal_those_from_pixels(
+        cache_dir, tiny_data_dir, tiny_model, tiny_processor, monkeypatch):
+    from transformers.models.clip import modeling_clip
+
+    from rewards.sampling import sample_candidates
+    from vlm.config import DecodingConfig
+    from vlm.data import load_split
+
+    config = load_config(DEFAULT_CONFIG, [])
+    records = list(load_split(tiny_data_dir, "vqa", "train"))[:6]
+    decoding = DecodingConfig(strategy="sample", temperature=1.5, top_p=1.0, max_new_tokens=4)
+
+    def candidates(images):
+        torch.manual_seed(0)
+        return [c for _, c, _ in sample_candidates(tiny_model, tiny_processor, records, images,
+                                                   config.data.prompt_template, 3, decoding, 4, 128, progress=False)]
+
+    with_pixels = candidates(ImageCache(tiny_processor.image_processor, tiny_data_dir))
+    monkeypatch.setattr(modeling_clip.CLIPVisionModel, "forward", lambda *a, **k: pytest.fail("the tower ran"))
+    assert candidates(FeatureStore(cache_dir)) == with_pixels
+
+
 def test_an_interrupted_build_resumes_where_it_stopped_and_ends_identical(saved_tiny_model, tiny_data_dir, tmp_path,
                                                                          cache_dir):
     out = tmp_path / "resumed"

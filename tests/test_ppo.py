@@ -189,6 +189,125 @@ def test_two_cpu_processes_share_the_rollouts(tiny_overrides, ppo_dirs, tmp_path
     assert [e["step"] for e in log] == [1, 2]  # rank 0 writes the log once per shared update
 
 
+# ---------------------------------------------------------------- the CLIP feature cache
+
+@pytest.fixture
+def feature_cache(ppo_dirs, tiny_data_dir, tmp_path):
+    """A feature cache made by the SFT policy's vision tower (the reward model's is the same)."""
+    from data_prep.features import build_cache
+
+    out = tmp_path / "features"
+    build_cache(str(ppo_dirs[0]), tiny_data_dir, out, batch_size=16)
+    return out
+
+
+def with_another_vision_tower(model_dir, out_dir, model_class):
+    """A copy of a saved model whose CLIP tower has other weights (as after training it)."""
+    model = model_class.from_pretrained(model_dir)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "vision_tower" in n and "weight" in n).add_(0.1)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def count_tower_runs(*models) -> dict:
+    calls = {}
+    for model in models:
+        tower = model.model.vision_tower
+        calls[id(tower)] = 0
+        tower.register_forward_hook(lambda module, inputs, output: calls.__setitem__(id(module), calls[id(module)] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_with_a_matching_cache_ppo_trains_without_running_a_vision_tower(lora, tiny_overrides, ppo_dirs, feature_cache,
+                                                                         monkeypatch):
+    from transformers.models.clip import modeling_clip
+
+    from stages.ppo import train
+
+    def no_tower(*args, **kwargs):
+        raise AssertionError("a vision tower ran although the feature cache holds its output")
+
+    monkeypatch.setattr(modeling_clip.CLIPVisionModel, "forward", no_tower)
+    config = ppo_config(tiny_overrides, ppo_dirs, f"data.feature_cache={feature_cache}", "ppo.eval_steps=2",
+                        "ppo.eval_samples=4", f"ppo.lora.enabled={str(lora).lower()}", "ppo.lora.r=4")
+    metrics = train(config)  # rollouts, minibatch steps and the held-out evaluation
+    assert metrics["updates"] == 2
+    log = [json.loads(l) for l in (config.run_dir / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [0, 1, 2] and "val_vqa_accuracy" in log[2]
+
+
+def test_a_ppo_update_from_cached_features_equals_one_from_pixels(tiny_overrides, ppo_dirs, feature_cache):
+    """Same prompts, same seed: the cache changes where the image comes from, not the rollout
+    (answers, log-probs, reference, values, rewards) nor the update made from it."""
+    from stages.ppo import PPORun, PromptCollator
+
+    def one_update(*extra):
+        run = PPORun(ppo_config(tiny_overrides, ppo_dirs, *extra))
+        trainer = run.build()
+        batch = PromptCollator(run.processor.tokenizer.pad_token_id)([trainer.train_dataset[i] for i in range(4)])
+        torch.manual_seed(0)
+        rollout = trainer.rollout(batch)
+        advantages, returns, values, _, _ = trainer.advantages(rollout)
+        stats = trainer.ppo_update(rollout, advantages, returns, values, update=0)
+        return trainer, rollout, stats
+
+    cached, cached_rollout, cached_stats = one_update(f"data.feature_cache={feature_cache}", "name=cached")
+    pixels, pixel_rollout, pixel_stats = one_update("name=pixels")
+    assert (cached.policy_input, cached.critic_input) == ("image_features", "image_features")
+    assert (pixels.policy_input, pixels.critic_input) == ("pixel_values", "pixel_values")
+    assert list(cached_rollout["images"]) == ["image_features"] and list(pixel_rollout["images"]) == ["pixel_values"]
+    assert torch.equal(cached_rollout["responses"], pixel_rollout["responses"])
+    for key in ("logprobs", "ref_logprobs", "values", "scores"):
+        torch.testing.assert_close(cached_rollout[key], pixel_rollout[key], atol=1e-4, rtol=1e-4, msg=key)
+    for key in ("pg_loss", "vf_loss", "entropy", "approxkl"):
+        assert cached_stats[key] == pytest.approx(pixel_stats[key], rel=1e-3, abs=1e-5), key
+    trained = lambda trainer: trainer.accelerator.unwrap_model(trainer.model).policy.state_dict()
+    for (name, a), b in zip(trained(cached).items(), trained(pixels).values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_reward_model_with_its_own_tower_reads_pixels_while_the_policy_reads_the_cache(
+        tiny_overrides, ppo_dirs, feature_cache, tmp_path, capsys):
+    from rewards.reward_model import RewardModel
+    from stages.ppo import PPORun
+
+    own_tower = with_another_vision_tower(ppo_dirs[1], tmp_path / "rm-own-tower", RewardModel)
+    run = PPORun(ppo_config(tiny_overrides, ppo_dirs, f"data.feature_cache={feature_cache}",
+                            f"ppo.reward_model={own_tower}"))
+    trainer = run.build()
+    assert "the reward and value models read pixels" in capsys.readouterr().out
+    assert (trainer.policy_input, trainer.critic_input) == ("image_features", "pixel_values")
+    wrapper = trainer.accelerator.unwrap_model(trainer.model)
+    runs = count_tower_runs(wrapper.policy, trainer.ref_model, wrapper.value_model, trainer.reward_model)
+    batch = next(iter(trainer.dataloader))
+    rollout = trainer.rollout(batch)
+    trainer.ppo_update(rollout, *trainer.advantages(rollout)[:3], update=0)
+    policy_runs, ref_runs, value_runs, reward_runs = runs.values()
+    assert policy_runs == ref_runs == 0
+    assert value_runs == 1 + 2 and reward_runs == 1  # rollout, then each of the 2 minibatches
+
+
+def test_the_cache_is_not_used_when_ppo_trains_the_tower_and_refused_when_made_by_another(
+        tiny_overrides, ppo_dirs, feature_cache, tmp_path, capsys):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from stages.ppo import PPORun
+    from vlm.features import FeatureCacheMismatch
+
+    trains_vision = PPORun(ppo_config(tiny_overrides, ppo_dirs, f"data.feature_cache={feature_cache}",
+                                      "ppo.freeze_vision=false")).build()
+    assert "data.feature_cache is not used by the PPO policy" in capsys.readouterr().out
+    assert (trains_vision.policy_input, trains_vision.critic_input) == ("pixel_values", "pixel_values")
+
+    other_policy = with_another_vision_tower(ppo_dirs[0], tmp_path / "other-policy", LlavaForConditionalGeneration)
+    AutoProcessor.from_pretrained(ppo_dirs[0]).save_pretrained(other_policy)  # the processor travels with a policy
+    with pytest.raises(FeatureCacheMismatch, match="vision tower weights differ"):
+        PPORun(ppo_config(tiny_overrides, ppo_dirs, f"data.feature_cache={feature_cache}",
+                          f"ppo.policy={other_policy}")).build()
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_group_relative_algorithms_see_the_image(algo, require_pixels, tiny_overrides, ppo_dirs):
     """trl's GRPO / RLOO with our VLM: every forward over the prompt gets the image, and the

@@ -29,7 +29,9 @@ _PROCESSOR_KEYS = ("do_resize", "size", "resample", "do_center_crop", "crop_size
 
 
 class FeatureCacheMismatch(ValueError):
-    """A feature cache made by another vision tower, processor or feature layer."""
+    """A feature cache made by another vision tower, processor or feature layer (`details`: what differs)."""
+
+    details = ""
 
 
 def llava_of(model):
@@ -119,8 +121,10 @@ class FeatureStore:
                                 for key in differing if key != "weights_sha256")
             if "weights_sha256" in differing:
                 details = "; ".join(filter(None, [details, "vision tower weights differ"]))
-            raise FeatureCacheMismatch(f"feature cache {self.path} does not match {what}: {details}. "
-                                       f"Rebuild it for this model, or unset data.feature_cache")
+            mismatch = FeatureCacheMismatch(f"feature cache {self.path} does not match {what}: {details}. "
+                                            f"Rebuild it for this model, or unset data.feature_cache")
+            mismatch.details = details
+            raise mismatch
 
     def __call__(self, image: str) -> torch.Tensor:
         if image in self.failed:
