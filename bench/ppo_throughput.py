@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench.sft_throughput import MODELS, build
+from bench.sft_throughput import MODELS, add_model_options, apply_model_options, build
 
 
 class _TokenIds:
@@ -94,7 +94,7 @@ def bench_model(bench, updates: int, batch_size: int, max_new_tokens: int, ppo_e
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vqa-rlhf bench-ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="default,gpt2-124m", help=f"comma-separated, of {','.join(MODELS)}")
+    add_model_options(parser)
     parser.add_argument("--images", default="pixels,features",
                         help="image inputs to time, comma-separated: pixels, features (cached CLIP features)")
     parser.add_argument("--updates", type=int, default=3, help="timed updates per model (after one warm-up)")
@@ -103,17 +103,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--ppo-epochs", type=int, default=2)
     parser.add_argument("--mini-batches", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    names = args.models.split(",")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
+    names = apply_model_options(parser, args)
     image_inputs = args.images.split(",")
     if not set(image_inputs) <= {"pixels", "features"}:
         parser.error(f"--images: pixels and/or features, not {args.images!r}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     print(f"PPO, {args.max_new_tokens} new tokens, {args.ppo_epochs} epochs x {args.mini_batches} minibatches, "
           f"{torch.get_num_threads()} threads")
     print(f"{'model':<22}{'images':>9}{'batch':>6}{'prompt':>7}{'answer':>7}{'rollout s':>10}{'update s':>9}"

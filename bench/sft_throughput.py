@@ -122,19 +122,30 @@ def bench_model(bench: BenchModel, steps: int, warmup: int = 2) -> dict:
             "tokens_s": batch_size * seq / seconds, "tflops": flops / seconds / 1e12}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--models and --threads, as the model benchmarks (bench, bench-ppo) spell them."""
     parser.add_argument("--models", default="default,gpt2-124m", help=f"comma-separated, of {','.join(MODELS)}")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = parser.parse_args(argv)
+
+
+def apply_model_options(parser: argparse.ArgumentParser, args) -> list[str]:
+    """The --models names, each checked against MODELS; --threads applied to torch."""
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(MODELS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return names
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
+    args = parser.parse_args(argv)
+    names = apply_model_options(parser, args)
     peak = matmul_peak_flops()
     print(f"fp32 matmul peak (2048^2, best of 2 s): {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
     print(f"{'model':<22}{'params M':>9}{'batch':>6}{'seq':>5}{'s/step':>8}{'samples/s':>11}"

@@ -26,7 +26,7 @@ from vlm.data import RejectLog, SupervisedDataset, VLMCollator, caption_items, l
 from vlm.features import image_inputs, image_source
 from vlm.model import load_model
 from stages.caption import caption_batch
-from stages.common import config_from_args, stage_parser, write_json
+from stages.common import add_model_option, config_from_args, model_dir_from, stage_parser, write_json
 
 
 def references_by_image(records) -> dict[str, list[str]]:
@@ -106,10 +106,10 @@ def evaluate_captions(config: RunConfig, model_dir: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = stage_parser("caption-eval", __doc__)
-    parser.add_argument("--model", help="saved model dir (default: <run>/sft/final)")
+    add_model_option(parser)
     args = parser.parse_intermixed_args(argv)
     config = config_from_args(args)
-    model_dir = Path(args.model) if args.model else config.run_dir / "sft" / "final"
+    model_dir = model_dir_from(args, config)
     metrics = evaluate_captions(config, model_dir)
     print(f"caption-eval {metrics['split']}: {metrics['images']} images, CIDEr-D {metrics['cider']:.3f}, "
           f"BLEU-4 {metrics['bleu_4']:.3f}, perplexity {metrics['perplexity']:.2f}")

@@ -24,6 +24,15 @@ def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """--model of the stages that read one saved model (eval, caption-eval, retrieval-eval)."""
+    parser.add_argument("--model", help="saved model dir (default: <run>/sft/final)")
+
+
+def model_dir_from(args, config: RunConfig) -> Path:
+    return Path(args.model) if args.model else config.sft_final
+
+
 def config_path_and_overrides(args) -> tuple[str, list[str]]:
     """`vqa-rlhf sft key=value` means the default config with that override."""
     config_path, overrides = args.config, list(args.overrides)

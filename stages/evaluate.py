@@ -23,7 +23,7 @@ from vlm.features import image_source
 from vlm.generate import answer_questions
 from vlm.model import load_model
 from vlm.vqa_metric import score_records
-from stages.common import config_from_args, stage_parser, write_json
+from stages.common import add_model_option, config_from_args, model_dir_from, stage_parser, write_json
 
 
 def _scored(records, predictions, group_field: str):
@@ -98,11 +98,11 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str) -> dict:
 
 def main(argv=None) -> int:
     parser = stage_parser("eval", __doc__)
-    parser.add_argument("--model", help="saved model dir (default: <run>/sft/final)")
+    add_model_option(parser)
     parser.add_argument("--tag", default=None, help="name of the output folder under <run>/eval (default: sft)")
     args = parser.parse_intermixed_args(argv)
     config = config_from_args(args)
-    model_dir = Path(args.model) if args.model else config.run_dir / "sft" / "final"
+    model_dir = model_dir_from(args, config)
     tag = args.tag or (Path(args.model).name if args.model else "sft")
     metrics = evaluate(config, model_dir, tag)
     print(f"eval[{tag}] {metrics['split']}: VQA accuracy {metrics['vqa_accuracy']:.2f} over {metrics['count']} "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -71,8 +70,8 @@ def train(config: RunConfig) -> dict:
     ppo = config.ppo
     work_dir = config.run_dir / "ppo"
     work_dir.mkdir(parents=True, exist_ok=True)
-    policy_dir = Path(ppo.policy or config.run_dir / "sft" / "final")
-    reward_dir = Path(ppo.reward_model or config.run_dir / "rm" / "final")
+    policy_dir = config.ppo_policy
+    reward_dir = config.ppo_reward_model
     policy, processor = load_model(policy_dir)
     processor.tokenizer.padding_side = "left"  # trl pads prompts on the left for generation
     reward_model = RewardModel.from_pretrained(reward_dir, dtype=torch.float32)

@@ -52,7 +52,7 @@ def init_model_dir(config: RunConfig) -> Path:
     if config.instruct.init_from:
         return Path(config.instruct.init_from)
     ppo = config.run_dir / "ppo" / "final"
-    return ppo if (ppo / "config.json").is_file() else config.run_dir / "sft" / "final"
+    return ppo if (ppo / "config.json").is_file() else config.sft_final
 
 
 def conversations_dir(config: RunConfig) -> Path:

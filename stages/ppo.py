@@ -45,7 +45,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, check_vqa_record, load_split, prompt_ids, vqa_prompt
-from vlm.features import FeatureCacheMismatch, image_inputs, image_source, open_for_model
+from vlm.features import FeatureCacheMismatch, FeatureStore, image_inputs, image_source, model_signature
 from vlm.generate import answer_questions
 from vlm.model import load_model
 from vlm.train import apply_lora, save_final, set_trainable
@@ -349,8 +349,8 @@ class PPORun:
         self.config = config
         self.work_dir = config.run_dir / "ppo"
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.policy_dir = Path(config.ppo.policy or config.run_dir / "sft" / "final")
-        self.reward_dir = Path(config.ppo.reward_model or config.run_dir / "rm" / "final")
+        self.policy_dir = config.ppo_policy
+        self.reward_dir = config.ppo_reward_model
         self.log_path = self.work_dir / "log.jsonl"
         self.checkpoints = self.work_dir / "checkpoints"
         self.reward_threshold = self._reward_threshold()
@@ -428,19 +428,18 @@ class PPORun:
         return self.trainer
 
     def _critic_images(self, reward_model):
-        """The value and reward models' image source: the feature cache when it was made by their
-        tower (which PPO keeps frozen), else pixels. Their tower is the reward model's, which may
-        differ from the policy's (rm.freeze_vision=false): that is a reason for pixels, not an error."""
-        cfg = self.config
-        if cfg.data.feature_cache and cfg.ppo.freeze_vision:
-            try:
-                return open_for_model(cfg.data.feature_cache, reward_model, self.processor, "the reward model")
-            except FeatureCacheMismatch as mismatch:
-                print(f"note: the reward and value models read pixels: data.feature_cache was made by another "
-                      f"vision tower ({mismatch.details})", flush=True)
-        if isinstance(self.images, ImageCache):
+        """The value and reward models' image source: the policy's feature cache when their tower
+        (which PPO keeps frozen) made it too, else pixels. Their tower is the reward model's, which
+        may differ from the policy's (rm.freeze_vision=false): a reason for pixels, not an error."""
+        if not isinstance(self.images, FeatureStore):  # the policy reads pixels: so do they
             return self.images
-        return ImageCache(self.processor.image_processor, cfg.data_dir)
+        try:
+            self.images.check_matches(model_signature(reward_model, self.processor), "the reward model")
+            return self.images
+        except FeatureCacheMismatch as mismatch:
+            print(f"note: the reward and value models read pixels: data.feature_cache was made by another "
+                  f"vision tower ({mismatch.details})", flush=True)
+        return ImageCache(self.processor.image_processor, self.config.data_dir)
 
     # -- per update: the reward-hacking alarm, held-out accuracy, checkpoints
 
@@ -587,7 +586,7 @@ def evaluate_before_after(config: RunConfig, metrics: dict) -> dict:
     """Greedy test-split VQA accuracy of the starting policy and of the PPO policy (official metric)."""
     from stages.evaluate import evaluate
 
-    policy_dir = Path(config.ppo.policy or config.run_dir / "sft" / "final")
+    policy_dir = config.ppo_policy
     before_path = config.run_dir / "eval" / "sft" / "metrics.json"
     if not config.ppo.policy and before_path.is_file() and json.loads(before_path.read_text())["split"] == config.eval.split:
         before = json.loads(before_path.read_text())

@@ -25,7 +25,7 @@ from vlm.data import ImageCache, load_split
 from vlm.features import open_for_model
 from vlm.model import load_model
 from vlm.retrieval import TowerEmbeddings, embedding_head, embedding_token_id, retrieval_recall
-from stages.common import config_from_args, stage_parser, write_json
+from stages.common import add_model_option, config_from_args, model_dir_from, stage_parser, write_json
 
 
 def evaluate_retrieval(config: RunConfig, model_dir: Path) -> dict:
@@ -66,10 +66,10 @@ def evaluate_retrieval(config: RunConfig, model_dir: Path) -> dict:
 
 def main(argv=None) -> int:
     parser = stage_parser("retrieval-eval", __doc__)
-    parser.add_argument("--model", help="saved model dir (default: <run>/sft/final)")
+    add_model_option(parser)
     args = parser.parse_intermixed_args(argv)
     config = config_from_args(args)
-    model_dir = Path(args.model) if args.model else config.run_dir / "sft" / "final"
+    model_dir = model_dir_from(args, config)
     m = evaluate_retrieval(config, model_dir)
     print(f"retrieval-eval {m['split']}: {m['queries']} captions, {m['index_size']} images: "
           f"recall@1 {m['recall@1']}, @5 {m['recall@5']}, @10 {m['recall@10']} "

@@ -55,7 +55,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     rm = config.rm
     out_dir = Path(out_dir or config.run_dir / "rm")
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = Path(base or rm.base or config.run_dir / "sft" / "final")
+    base = Path(base or rm.base or config.sft_final)
     labels_dir = labels_dir or (Path(rm.labels) if rm.labels else None)
     if labels_dir is None:
         labels_dir = export_labels_from_store(config, out_dir / "labels")

@@ -56,7 +56,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     if settings.k < 0 or settings.batch_size < 1:
         raise SystemExit(f"error: sample.k must be >= 0 and sample.batch_size >= 1 "
                          f"(got {settings.k}, {settings.batch_size})")
-    model_dir = Path(settings.model) if settings.model else config.run_dir / "sft" / "final"
+    model_dir = Path(settings.model) if settings.model else config.sft_final
     db_path = config.labels_db
     records = load_split(config.data_dir, "vqa", settings.split)
     if settings.max_questions:

@@ -272,6 +272,21 @@ class RunConfig:
         return Path(self.data.dir) if self.data.dir else self.run_dir / "data"
 
     @property
+    def sft_final(self) -> Path:
+        """The run's SFT model: what later stages start from and evaluate by default."""
+        return self.run_dir / "sft" / "final"
+
+    @property
+    def ppo_policy(self) -> Path:
+        """The policy RL starts from: ppo.policy, else the run's SFT model."""
+        return Path(self.ppo.policy) if self.ppo.policy else self.sft_final
+
+    @property
+    def ppo_reward_model(self) -> Path:
+        """The reward model RL trains against: ppo.reward_model, else the run's."""
+        return Path(self.ppo.reward_model) if self.ppo.reward_model else self.run_dir / "rm" / "final"
+
+    @property
     def labels_db(self) -> Path:
         """The label store: candidate answers and their labels (rewards/label_store.py)."""
         return Path(self.sample.db) if self.sample.db else self.run_dir / "labels" / "labels.db"
