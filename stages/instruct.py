@@ -43,7 +43,7 @@ from vlm.describe_metric import DescriptionScore, parse_description
 from vlm.generate import generate
 from vlm.model import count_parameters, load_model
 from vlm.train import build_trainer, is_main_process, prepare_for_training, train_and_save
-from stages.common import config_from_args, stage_parser, write_json
+from stages.common import config_from_args, run_stage, stage_parser, write_json
 from stages.evaluate import evaluate
 
 
@@ -288,4 +288,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

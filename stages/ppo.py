@@ -51,7 +51,7 @@ from vlm.model import load_model
 from vlm.train import apply_lora, save_final, set_trainable
 from vlm.vqa_metric import score_records, vqa_accuracy
 from rewards.reward_model import RewardModel, position_ids_from_mask
-from stages.common import config_from_args, stage_parser, write_json
+from stages.common import config_from_args, run_stage, stage_parser, write_json
 
 
 # ---------------------------------------------------------------- queries
@@ -616,4 +616,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -34,7 +34,7 @@ from rewards.baselines import evaluate_baselines, group_accuracy
 from rewards.labels_io import binary_metrics, fit_threshold, load_labels, pairs_by_question, question_families, split_by_image
 from rewards.reward_model import RewardModel
 from rewards.train_rm import PairwiseCollator, PointwiseCollator, RewardTrainer, check_objective, encode_rows, score
-from stages.common import config_from_args, stage_parser, write_json
+from stages.common import config_from_args, run_stage, stage_parser, write_json
 
 
 def export_labels_from_store(config: RunConfig, out_dir: Path) -> Path:
@@ -168,4 +168,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -33,7 +33,7 @@ from vlm.generate import answer_questions
 from vlm.model import build_model, build_processor, load_model, count_parameters
 from vlm.train import build_trainer, is_main_process, prepare_for_training, train_and_save
 from vlm.vqa_metric import score_records
-from stages.common import parse_stage_args, write_json
+from stages.common import parse_stage_args, run_stage, write_json
 
 
 def corpus(config: RunConfig):
@@ -212,4 +212,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))
