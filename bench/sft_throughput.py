@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm.config import ModelConfig
+from vlm.features import IMAGE_FEATURES, image_inputs
 
 
 @dataclass
@@ -29,12 +30,17 @@ class BenchModel:
     vocab_size: int
     batch_size: int
     text_tokens: int  # prompt + answer tokens besides the image tokens
+    # The built-in run's SFT: the tower frozen, its features read from the cache (vlm/features.py),
+    # so a step runs the projector and the language model only.
+    cached_features: bool = False
 
 
 MODELS = {
     # The built-in default (configs/default.yaml): 48 px / 16 px patches -> 10 image tokens,
     # batch 32 of examples averaging ~48 text tokens (4 packed questions or a caption).
     "default": BenchModel("default", ModelConfig(), vocab_size=512, batch_size=32, text_tokens=48),
+    "default-cached": BenchModel("default, cached tower", ModelConfig(), vocab_size=512, batch_size=32,
+                                 text_tokens=48, cached_features=True),
     # GPT-2 124M + CLIP ViT-B/32 at 224 px (50 image tokens), shapes only: built from configs.
     "gpt2-124m": BenchModel(
         "gpt2-124m (ViT-B/32)",
@@ -78,8 +84,19 @@ def batch_for(model, bench: BenchModel) -> dict:
     labels = input_ids.clone()
     labels[:, : input_ids.shape[1] - 3] = -100  # a short answer at the end, as in VQA
     size = cfg.vision_config.image_size
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-            "pixel_values": torch.randn(bench.batch_size, 3, size, size)}
+    if bench.cached_features:
+        images = {IMAGE_FEATURES: torch.randn(bench.batch_size, image_tokens, cfg.vision_config.hidden_size)}
+    else:
+        images = {"pixel_values": torch.randn(bench.batch_size, 3, size, size)}
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, **images}
+
+
+def forward(model, batch: dict):
+    """The training forward; cached features enter through the projector as SFT feeds them."""
+    if IMAGE_FEATURES not in batch:
+        return model(**batch)
+    rest = {k: v for k, v in batch.items() if k != IMAGE_FEATURES}
+    return model(**rest, **image_inputs(model, batch[IMAGE_FEATURES], IMAGE_FEATURES))
 
 
 def step_flops(model, batch: dict) -> float:
@@ -93,22 +110,29 @@ def step_flops(model, batch: dict) -> float:
         part = "vision" if "vision_tower" in name else "projector" if "projector" in name else "language"
         params[part] += p.numel()
     text, vision = cfg.text_config, cfg.vision_config
+    vision_layers = vision.num_hidden_layers
+    if IMAGE_FEATURES in batch:  # the tower does not run: its FLOPs are not the step's
+        params["vision"], vision_layers = 0, 0
     matmul = 6 * batch_size * (params["vision"] * patches + params["projector"] * patches + params["language"] * seq)
     attention = 12 * batch_size * (text.n_layer * seq**2 * text.n_embd
-                                   + vision.num_hidden_layers * patches**2 * vision.hidden_size)
+                                   + vision_layers * patches**2 * vision.hidden_size)
     return float(matmul + attention)
 
 
-def bench_model(bench: BenchModel, steps: int, warmup: int = 2) -> dict:
+def bench_model(bench: BenchModel, steps: int, warmup: int = 2, compile: bool = False) -> dict:
     torch.manual_seed(0)
     model = build(bench)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if bench.cached_features:
+        model.model.vision_tower.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = batch_for(model, bench)
+    step_forward = torch.compile(forward) if compile else forward
+    warmup += 3 if compile else 0  # compilation happens in the first steps
     timings = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        loss = model(**batch).loss
+        loss = step_forward(model, batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -124,7 +148,7 @@ def bench_model(bench: BenchModel, steps: int, warmup: int = 2) -> dict:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--models and --threads, as the model benchmarks (bench, bench-ppo) spell them."""
-    parser.add_argument("--models", default="default,gpt2-124m", help=f"comma-separated, of {','.join(MODELS)}")
+    parser.add_argument("--models", default="default,default-cached,gpt2-124m", help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -144,15 +168,19 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each model's step under torch.compile, as a second row")
     args = parser.parse_args(argv)
     names = apply_model_options(parser, args)
     peak = matmul_peak_flops()
     print(f"fp32 matmul peak (2048^2, best of 2 s): {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
-    print(f"{'model':<22}{'params M':>9}{'batch':>6}{'seq':>5}{'s/step':>8}{'samples/s':>11}"
+    print(f"{'model':<30}{'params M':>9}{'batch':>6}{'seq':>5}{'s/step':>8}{'samples/s':>11}"
           f"{'tokens/s':>10}{'GFLOP/s':>9}{'MFU':>7}")
-    for name in names:
-        r = bench_model(MODELS[name], args.steps)
-        print(f"{r['model']:<22}{r['params_m']:>9.1f}{r['batch']:>6}{r['seq']:>5}{r['step_s']:>8.3f}"
+    runs = [(name, False) for name in names] + ([(name, True) for name in names] if args.compile else [])
+    for name, compiled in runs:
+        r = bench_model(MODELS[name], args.steps, compile=compiled)
+        r["model"] += ", compiled" if compiled else ""
+        print(f"{r['model']:<30}{r['params_m']:>9.1f}{r['batch']:>6}{r['seq']:>5}{r['step_s']:>8.3f}"
               f"{r['samples_s']:>11.1f}{r['tokens_s']:>10.0f}{r['tflops'] * 1e3:>9.1f}"
               f"{r['tflops'] * 1e12 / peak:>7.1%}", flush=True)
     return 0

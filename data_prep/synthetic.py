@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -320,6 +321,27 @@ def caption_for(objects: Scene, grid: int) -> str:
     if len(parts) == 1:
         return parts[0] + "."
     return ", ".join(parts[:-1]) + " and " + parts[-1] + "."
+
+
+def caption_regions(caption: str, grid: int) -> dict[int, dict[str, str]]:
+    """What a caption says is in each cell: {row * grid + col: {"colour": ..., "shape": ...}}.
+
+    The inverse of `caption_for`, read from the text alone (the vision stage's region-text
+    targets): every phrase is '<location> <article> <colour> <shape>'. A caption outside that
+    grammar is a ValueError naming the phrase."""
+    locations = {location_phrase(r, c, grid): r * grid + c for r in range(grid) for c in range(grid)}
+    body = caption.strip().removesuffix(".")
+    phrases = re.split(r", | and ", body)
+    regions: dict[int, dict[str, str]] = {}
+    for phrase in phrases:
+        words = phrase.split()
+        location = " ".join(words[:-3])
+        if len(words) < 5 or location not in locations or words[-3] not in ("a", "an") \
+                or words[-2] not in COLOURS or words[-1] not in SHAPES:
+            raise ValueError(f"caption phrase {phrase!r} is not '<location> a <colour> <shape>' "
+                             f"(caption: {caption!r})")
+        regions[locations[location]] = {"colour": words[-2], "shape": words[-1]}
+    return regions
 
 
 def count_where(objects: Scene, **attributes) -> int:

@@ -9,6 +9,7 @@ COMMANDS = {
     "run": ("stages.pipeline", "run a config's stages end to end (what ./launch.sh does)"),
     "prep": ("stages.prep", "write the dataset a config trains on (built-in synthetic or converted)"),
     "synthetic": ("data_prep.synthetic", "generate the built-in synthetic VQA dataset into a directory"),
+    "vision": ("stages.vision", "vision pretraining: the built-in run's own CLIP tower (region-text), before SFT"),
     "sft": ("stages.sft", "stage 1: answer-only supervised fine-tuning on VQA"),
     "eval": ("stages.evaluate", "answer a split and score it with the official VQA metric"),
     "score": ("vlm.vqa_metric", "score predictions with the official VQA accuracy metric"),
@@ -31,6 +32,7 @@ COMMANDS = {
     "bench-cache": ("bench.feature_cache", "SFT step time with the CLIP feature cache vs features on the fly"),
     "rm": ("stages.rm", "train the multimodal reward model on exported labels, with baselines"),
     "ppo": ("stages.ppo", "PPO of the SFT policy against the reward model, images in every forward (trl 1.12)"),
+    "bench-seeds": ("bench.seeds", "vision + SFT + eval for several seeds: test accuracy per family, mean +- sd"),
     "bench-ppo": ("bench.ppo_throughput", "PPO rollout and update throughput (samples/s) of default and GPT-2 124M sized models"),
 }
 

@@ -47,6 +47,41 @@ def majority_answer_baseline(config: RunConfig, records) -> dict:
     return {"answer": answer, "vqa_accuracy": report.overall, "by_answer_type": report.by_answer_type}
 
 
+def answer_and_score(config: RunConfig, model, processor, images, records) -> tuple[list[str], object, dict]:
+    """Greedy (or eval.decoding) answers, the official scores, and the scores per question family."""
+    predictions = answer_questions(
+        model, processor, records, images, config.data.prompt_template, config.eval.decoding,
+        config.eval.batch_size, config.data.max_length, progress=True,
+    )
+    return predictions, _scored(records, predictions, "question_type"), \
+        _scored(records, predictions, "question_family").by_question_type
+
+
+def memorisation_check(config: RunConfig, model, processor, images) -> dict | None:
+    """The same scores on the first eval.train_check_samples training questions: far above the
+    test figure, the model memorised its training images instead of learning to see."""
+    if not config.eval.train_check_samples:
+        return None
+    train = load_split(config.data_dir, "vqa", config.data.train_split)
+    records = [r for r in train.select(range(min(config.eval.train_check_samples, len(train))))
+               if check_vqa_record(r) is None]
+    _, report, by_family = answer_and_score(config, model, processor, images, records)
+    return {"split": config.data.train_split, "count": report.count, "vqa_accuracy": report.overall,
+            "by_question_family": by_family}
+
+
+def tower_probe(config: RunConfig, model) -> dict | None:
+    """Per-cell shape / colour probe of the model's vision tower (data_prep/regions.py), where
+    the data's captions name their regions (the built-in data); None elsewhere."""
+    from data_prep.regions import probe_towers
+
+    try:
+        return probe_towers(config, {"tower": model.model.vision_tower})["tower"]
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"note: no per-cell probe of the vision tower: {exc}", flush=True)
+        return None
+
+
 def evaluate(config: RunConfig, model_dir: Path, tag: str) -> dict:
     out_dir = config.run_dir / "eval" / tag
     split = config.eval.split
@@ -61,14 +96,8 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str) -> dict:
     model, processor = load_model(model_dir)
     images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
     started = time.perf_counter()
-    predictions = answer_questions(
-        model, processor, records, images, config.data.prompt_template, config.eval.decoding,
-        config.eval.batch_size, config.data.max_length, progress=True,
-    )
+    predictions, report, by_family = answer_and_score(config, model, processor, images, records)
     seconds = time.perf_counter() - started
-
-    report = _scored(records, predictions, "question_type")
-    by_family = _scored(records, predictions, "question_family").by_question_type
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", [{"question_id": r["id"], "answer": p} for r, p in zip(records, predictions)])
     tmp = out_dir / "predictions.jsonl.tmp"
@@ -91,6 +120,8 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str) -> dict:
         "seconds": round(seconds, 2),
         "samples_per_second": round(len(records) / seconds, 1),
         "baselines": {"majority_answer": majority_answer_baseline(config, records)},
+        "train_check": memorisation_check(config, model, processor, images),
+        "tower_probe": tower_probe(config, model),
     }
     write_json(out_dir / "metrics.json", metrics)
     return metrics

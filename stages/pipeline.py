@@ -25,14 +25,10 @@ from vlm.config import STAGES, ConfigError, RunConfig, load_config, to_dict
 from stages.common import DEFAULT_CONFIG, config_path_and_overrides, write_json
 from stages.report import build_report, print_table
 
-STAGE_MODULES = {"prep": "stages.prep", "sft": "stages.sft", "sample": "stages.sample",
-                 "autolabel": "stages.autolabel", "rm": "stages.rm", "ppo": "stages.ppo",
-                 "instruct": "stages.instruct", "eval": "stages.evaluate", "caption_eval": "stages.caption_eval",
-                 "retrieval_eval": "stages.retrieval_eval"}
-TRAINING_STAGES = {"sft", "rm", "ppo", "instruct"}
 
 # --smoke: a few steps on a small slice, to validate a config end to end in minutes.
 SMOKE_OVERRIDES = [
+    "vision.steps=4", "vision.save_steps=2", "vision.probe_images=16",
     "sft.steps=4", "sft.save_steps=2", "sft.eval_steps=2", "sft.eval_samples=16", "sft.logging_steps=1",
     "sft.batch_size=4", "sft.warmup_steps=0", "data.max_train_samples=64", "eval.max_samples=32",
     "eval.batch_size=16", "eval.caption_max_images=16", "sample.max_questions=16", "sample.k=2", "sample.batch_size=8",
@@ -46,9 +42,9 @@ SMOKE_SYNTHETIC = {"train_images": 40, "val_images": 8, "test_images": 8}
 
 
 def stage_command(config: RunConfig, stage: str, config_path: str, overrides: list[str]) -> list[str]:
-    module = STAGE_MODULES[stage]
+    module = STAGES[stage].module
     args = [config_path, *overrides]
-    if stage not in TRAINING_STAGES or config.launcher == "none":
+    if not STAGES[stage].distributed or config.launcher == "none":
         return [sys.executable, "-m", module, *args]
     if config.launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={config.nproc_per_node}",
@@ -150,9 +146,9 @@ def main(argv=None) -> int:
             overrides = [*overrides, *smoke]
             config = load_config(config_path, overrides)
         stages = args.stages.split(",") if args.stages else list(config.stages)
-        unknown = [s for s in stages if s not in STAGE_MODULES]
+        unknown = [s for s in stages if s not in STAGES]
         if unknown:
-            raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGE_MODULES)}")
+            raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -19,6 +19,10 @@ def _read(path: Path) -> dict | None:
 def build_report(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     report: dict = {"run_dir": str(run_dir), "stages": {}, "baselines": {}}
+    vision = _read(run_dir / "vision" / "metrics.json")  # stages/vision.py
+    if vision:
+        report["stages"]["vision"] = {k: vision[k] for k in (
+            "objective", "steps", "seconds", "probe", "probe_untrained", "probe_split", "checkpoint")}
     sft = _read(run_dir / "sft" / "metrics.json")
     sft_eval = _read(run_dir / "eval" / "sft" / "metrics.json")
     if sft or sft_eval:
@@ -30,6 +34,8 @@ def build_report(run_dir: Path) -> dict:
                 "by_question_family": sft_eval["by_question_family"],
                 "eval_split": sft_eval["split"],
                 "eval_count": sft_eval["count"],
+                "train_check": sft_eval.get("train_check"),
+                "tower_probe": sft_eval.get("tower_probe"),
             })
             report["baselines"]["majority_answer"] = sft_eval["baselines"]["majority_answer"]["vqa_accuracy"]
         if sft:
@@ -86,6 +92,14 @@ def render_markdown(report: dict) -> str:
                      f"{entry.get('checkpoint', '-')} |")
     for name, value in report["baselines"].items():
         lines.append(f"| baseline: {name} | {value} | | |")
+    vision = report["stages"].get("vision")
+    if vision:
+        trained, untrained = vision["probe"], vision["probe_untrained"]
+        lines += ["", f"## Vision pretraining ({vision['objective']}, {vision['steps']} steps, {vision['seconds']} s)",
+                  "", f"Per-cell linear probe on the {vision['probe_split']} images (cells holding an object):", "",
+                  "| tower | shape (%) | colour (%) |", "|---|---|---|",
+                  f"| pretrained here | {trained['shape']} | {trained['colour']} |",
+                  f"| untrained (same architecture) | {untrained['shape']} | {untrained['colour']} |"]
     instruct = report["stages"].get("instruct")
     if instruct:
         lines += ["", "## Instruction tuning", "",
@@ -129,6 +143,16 @@ def render_markdown(report: dict) -> str:
             lines += ["", f"## {title} (sft, {sft.get('eval_split')} split, {sft.get('eval_count')} questions)", "",
                       "| group | VQA accuracy |", "|---|---|"]
             lines += [f"| {group} | {acc:.2f} |" for group, acc in sorted(sft[key].items())]
+    if sft.get("by_question_family") and sft.get("train_check"):
+        check = sft["train_check"]
+        lines += ["", f"## Memorisation check (sft): {check['count']} {check['split']} questions vs the "
+                      f"{sft.get('eval_split')} split", "", "| family | train | test |", "|---|---|---|"]
+        lines += [f"| {family} | {check['by_question_family'].get(family, float('nan')):.2f} | {acc:.2f} |"
+                  for family, acc in sorted(sft["by_question_family"].items())]
+        lines.append(f"| **overall** | {check['vqa_accuracy']:.2f} | {sft['vqa_accuracy']:.2f} |")
+    if sft.get("tower_probe"):
+        lines += ["", f"Per-cell probe of the SFT model's vision tower: shape {sft['tower_probe']['shape']}%, "
+                      f"colour {sft['tower_probe']['colour']}%."]
     if sft.get("val_accuracy_curve"):
         lines += ["", "## Held-out (val) accuracy against training time", "",
                   "| step | training minutes | VQA accuracy |", "|---|---|---|"]

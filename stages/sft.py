@@ -27,7 +27,7 @@ from vlm.data import (
     load_split,
     vqa_items,
 )
-from vlm.features import image_source
+from vlm.features import FeatureStore, image_source
 from vlm.retrieval import CaptionEmbeddingExamples, embedding_head, embedding_token_id
 from vlm.generate import answer_questions
 from vlm.model import build_model, build_processor, load_model, count_parameters
@@ -184,6 +184,8 @@ def train(config: RunConfig, callbacks=()) -> dict:
             f"{count_parameters(model):,} parameters, {count_parameters(model, True):,} trainable",
             flush=True,
         )
+        if isinstance(images, FeatureStore):
+            print(f"sft: feature cache {images.path} (the vision tower is frozen and made it)", flush=True)
 
     held_out = HeldOutAccuracy(config, processor, val_records, images, work_dir / "eval_log.jsonl")
     trainer = build_trainer(model, processor, dataset, config.sft, work_dir, config.seed, [held_out, *callbacks])

@@ -10,10 +10,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 
 # Small enough for a training step in well under a second on 2 CPU cores.
-TINY_MODEL = [
+TINY_DIMS = [
     "model.text_layers=1", "model.text_width=32", "model.text_heads=2", "model.vision_layers=1",
     "model.vision_width=32", "model.vision_heads=2", "model.vocab_size=300",
 ]
+# A tiny model built wholly from scratch: the default config's tower from the vision stage and
+# its feature cache are not there in tests that run one stage (tests of the whole pipeline and
+# of the vision stage use TINY_DIMS).
+TINY_MODEL = [*TINY_DIMS, "model.vision_model=null", "data.feature_cache=null"]
 TINY_DATA = ["data.synthetic.train_images=30", "data.synthetic.val_images=6", "data.synthetic.test_images=6"]
 
 

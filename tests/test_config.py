@@ -9,8 +9,14 @@ DEFAULT = REPO / "configs" / "default.yaml"
 
 def test_default_config_loads():
     config = load_config(DEFAULT)
-    assert config.stages == ["prep", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval", "caption_eval"]
+    assert config.stages == ["prep", "vision", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval", "caption_eval"]
     assert str(config.run_dir) == "runs/default"
+
+
+def test_run_dir_in_a_value_names_the_run_the_overrides_make():
+    config = load_config(DEFAULT, ["name=other", "output_root=/tmp/x"])
+    assert config.model.vision_model == "/tmp/x/other/vision/final"
+    assert config.data.feature_cache == "/tmp/x/other/vision/features"
 
 
 def test_overrides_are_parsed_as_yaml_scalars():

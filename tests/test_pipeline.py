@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_MODEL
+from tests.conftest import REPO, TINY_DIMS, TINY_MODEL
 
 
 def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path):
-    command = [str(REPO / "launch.sh"), "configs/default.yaml", "--smoke", *TINY_MODEL,
+    command = [str(REPO / "launch.sh"), "configs/default.yaml", "--smoke", *TINY_DIMS,
                f"output_root={tmp_path}", "name=pipe"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -22,7 +22,13 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path)
     assert sft["checkpoint"] == str(run_dir / "sft" / "final")
     assert 0 <= report["baselines"]["majority_answer"] <= 100
     stages = report["stages"]
-    assert set(stages) == {"sft", "rm", "ppo", "instruct", "caption_eval"}
+    assert set(stages) == {"vision", "sft", "rm", "ppo", "instruct", "caption_eval"}
+    # SFT built on the vision stage's tower, kept it frozen and read the tower's feature cache
+    assert stages["sft"]["tower_probe"]["shape"] == pytest.approx(
+        json.loads((run_dir / "eval" / "sft" / "metrics.json").read_text())["tower_probe"]["shape"])
+    assert set(stages["vision"]["probe"]) == {"shape", "colour"}
+    assert "sft: feature cache" in result.stdout
+    assert set(stages["sft"]["train_check"]["by_question_family"]) <= set(stages["sft"]["by_question_family"])
     assert 0 <= stages["rm"]["accuracy"] <= 100
     assert stages["rm"]["auc"] is None or 0 <= stages["rm"]["auc"] <= 1  # None: one class only in a smoke run
     assert set(stages["rm"]["baselines"]) == {"similarity", "exact_match"}
@@ -37,7 +43,7 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path)
 
     again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0
-    assert again.stdout.count("done earlier with this config, skipping") == 9  # every stage of the config
+    assert again.stdout.count("done earlier with this config, skipping") == 10  # every stage of the config
 
 
 def test_a_typo_in_an_override_stops_before_any_stage_runs(tmp_path):

@@ -60,6 +60,25 @@ class ModelConfig:
 
 
 @dataclass
+class VisionConfig:
+    """Vision pretraining (`vision:`, stages/vision.py): a CLIP tower built from `model`'s
+    dimensions learns the built-in captions' regions before SFT, then SFT builds on it
+    (model.vision_model) and keeps it frozen. Real configs name a pretrained CLIP instead."""
+    objective: str = "region_text"  # region_text: each patch token learns its region's caption phrase
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    warmup_steps: int = 25
+    weight_decay: float = 0.01
+    save_steps: int = 250
+    # Images the linear probe (per-cell shape and colour) is fitted on; it is scored on eval.split.
+    probe_images: int = 2000
+    # Cache the tower's features of every image of the dataset (<run>/vision/features) for the
+    # stages that keep it frozen (data.feature_cache).
+    feature_cache: bool = True
+
+
+@dataclass
 class DataConfig:
     # "synthetic": the built-in generator writes the dataset into `dir`;
     # "disk": `dir` already holds a dataset in the project's schema (data_prep/README.md).
@@ -215,6 +234,9 @@ class EvalConfig:
     split: str = "test"
     batch_size: int = 128
     max_samples: int | None = None
+    # Also scored: the first N training questions (memorisation check: far above the test
+    # split's figure, the model memorised its training images); 0: off.
+    train_check_samples: int = 600
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     # caption_eval stage (stages/caption_eval.py): the captions/ split eval.split, BLEU / CIDEr-D / perplexity
     caption_max_new_tokens: int = 32
@@ -255,6 +277,7 @@ class RunConfig:
     hostfile: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
     sft: TrainConfig = field(default_factory=TrainConfig)
     instruct: InstructConfig = field(default_factory=InstructConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -270,6 +293,16 @@ class RunConfig:
     @property
     def data_dir(self) -> Path:
         return Path(self.data.dir) if self.data.dir else self.run_dir / "data"
+
+    @property
+    def vision_final(self) -> Path:
+        """The tower the vision stage trains (a stock CLIPVisionModel dir)."""
+        return self.run_dir / "vision" / "final"
+
+    @property
+    def vision_features(self) -> Path:
+        """The feature cache the vision stage writes for that tower."""
+        return self.run_dir / "vision" / "features"
 
     @property
     def sft_final(self) -> Path:
@@ -385,8 +418,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         config = _build(RunConfig, tree, "")
     except ConfigError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
+    _expand_run_dir(config, config.run_dir)
     _check_choices(config)
     return config
+
+
+RUN_DIR = "{run_dir}"
+
+
+def _expand_run_dir(section, run_dir: Path) -> None:
+    """String values may name the run's own outputs: "{run_dir}/vision/final" is
+    <output_root>/<name>/vision/final once name and output_root are known."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _expand_run_dir(value, run_dir)
+        elif isinstance(value, str) and RUN_DIR in value:
+            setattr(section, f.name, value.replace(RUN_DIR, str(run_dir)))
 
 
 def _check_choices(config: RunConfig) -> None:
@@ -397,6 +445,7 @@ def _check_choices(config: RunConfig) -> None:
         "launcher": (config.launcher, {"none", "torchrun", "deepspeed"}),
         "sft.lora.quantize_bits": (config.sft.lora.quantize_bits, {None, 4, 8}),
         "rm.objective": (config.rm.objective, {"pointwise", "pairwise"}),
+        "vision.objective": (config.vision.objective, {"region_text"}),
         "ppo.algo": (config.ppo.algo, {"ppo", "grpo", "rloo"}),
         "ppo.kl_estimator": (config.ppo.kl_estimator, {"k1", "k3"}),
         "instruct.lora.quantize_bits": (config.instruct.lora.quantize_bits, {None, 4, 8}),
@@ -409,8 +458,28 @@ def _check_choices(config: RunConfig) -> None:
         raise ConfigError(f"unknown stage(s) {unknown_stages}; stages are {list(STAGES)}")
 
 
-# The pipeline's stages in the order they run.
-STAGES = ("prep", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval", "caption_eval", "retrieval_eval")
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline step: `python -m <module> CONFIG [key=value ...]`, each in its own process."""
+    module: str
+    # A training stage: started under torchrun / the DeepSpeed launcher when `launcher` says so.
+    distributed: bool = False
+
+
+# The pipeline's stages in the order they run. A new stage is its module plus one line here.
+STAGES = {
+    "prep": Stage("stages.prep"),
+    "vision": Stage("stages.vision"),
+    "sft": Stage("stages.sft", distributed=True),
+    "sample": Stage("stages.sample"),
+    "autolabel": Stage("stages.autolabel"),
+    "rm": Stage("stages.rm", distributed=True),
+    "ppo": Stage("stages.ppo", distributed=True),
+    "instruct": Stage("stages.instruct", distributed=True),
+    "eval": Stage("stages.evaluate"),
+    "caption_eval": Stage("stages.caption_eval"),
+    "retrieval_eval": Stage("stages.retrieval_eval"),
+}
 
 
 def to_dict(config) -> dict:

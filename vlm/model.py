@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from vlm.config import ModelConfig
+from vlm.vision import identity_image_processor
 from vlm import projectors  # registers the non-default projector types with transformers' Auto classes
 
 IMAGE_TOKEN = "<image>"
@@ -98,10 +99,7 @@ def build_processor(config: ModelConfig, corpus: Iterable[str] | None = None) ->
         image_processor = CLIPImageProcessor.from_pretrained(config.vision_model)
         patch_size = CLIPVisionConfig.from_pretrained(config.vision_model).patch_size
     else:
-        size = config.image_size
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
+        image_processor = identity_image_processor(config.image_size)
         patch_size = config.patch_size
     return LlavaProcessor(
         image_processor=image_processor,
@@ -184,9 +182,17 @@ def build_model(config: ModelConfig, processor: LlavaProcessor) -> LlavaForCondi
     """A fresh VLM: tiny from config dims, or pretrained CLIP + GPT-2 with a new projector."""
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    if bool(config.text_model) != bool(config.vision_model):
-        raise ValueError("model.text_model and model.vision_model must be given together")
-    if config.text_model:
+    if config.text_model and not config.vision_model:
+        raise ValueError("model.text_model needs model.vision_model (a pretrained CLIP) beside it")
+    if config.vision_model and not config.text_model:
+        # A pretrained tower (the vision stage's, or a hub CLIP) under a GPT-2 built from the dimensions.
+        vision_model = CLIPVisionModel.from_pretrained(config.vision_model)
+        _, text = scratch_configs(config, len(tokenizer))
+        model = projectors.model_class(config.projector)(llava_config(
+            vision_model.config, text, len(tokenizer), image_token_id, tokenizer.eos_token_id, config))
+        model.model.vision_tower.load_state_dict(vision_model.state_dict())
+        del vision_model
+    elif config.text_model:
         vision_model = CLIPVisionModel.from_pretrained(config.vision_model)
         text_model = GPT2LMHeadModel.from_pretrained(config.text_model)
         model_cls = projectors.model_class(config.projector)
