@@ -151,3 +151,30 @@ def test_the_default_pipeline_pretrains_vision_right_before_sft():
     assert list(STAGES)[:3] == ["prep", "vision", "sft"]
     for name, stage in STAGES.items():  # every stage of the table is a module that exists
         assert importlib.util.find_spec(stage.module) is not None, name
+
+
+def test_bench_seeds_runs_each_seed_on_the_same_data_and_reports_mean_and_sd(tmp_path, monkeypatch):
+    from bench import seeds
+    from stages import pipeline
+
+    runs = []
+
+    def fake_run(config, config_path, stages, overrides, force):
+        runs.append((config.seed, config.data_dir, config.data.synthetic["seed"], stages))
+        accuracy = {0: 80.0, 1: 90.0}[config.seed]
+        for path, data in ((config.run_dir / "eval" / "sft" / "metrics.json",
+                            {"vqa_accuracy": accuracy, "by_question_family": {"exists": accuracy - 10}}),
+                           (config.run_dir / "sft" / "metrics.json", {"seconds": 1.5})):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(data))
+        return 0
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    results = [seeds.run_seed(str(REPO / "configs/default.yaml"), [f"output_root={tmp_path}"], s) for s in (0, 1)]
+    assert [r[0] for r in runs] == [0, 1]
+    assert runs[0][1] == runs[1][1] == tmp_path / "default" / "data"  # one dataset ...
+    assert runs[0][2] == runs[1][2] == 0  # ... generated with the config's seed, not the training seed
+    assert runs[0][3] == ["prep", "vision", "sft", "eval"]
+    table = seeds.table(results)
+    assert "exists               70.00    80.00    75.00 +-  7.07" in table
+    assert "overall              80.00    90.00    85.00 +-  7.07" in table

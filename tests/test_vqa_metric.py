@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+from pathlib import Path
 
 import pytest
 
@@ -420,7 +421,7 @@ def test_read_official_pair_question_file_must_cover_annotations(tmp_path):
 def test_cli_scores_jsonl_and_writes_per_question(tmp_path, capsys):
     preds = write_jsonl(tmp_path / "p.jsonl", SAMPLE)
     out = tmp_path / "acc.jsonl"
-    assert main(["score", str(preds), "--per-question", str(out)]) == 0
+    assert main([str(preds), "--per-question", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "VQA accuracy: 47.50"
     assert any(line.split() == ["number", "45.00"] for line in lines)
@@ -435,14 +436,14 @@ def test_cli_per_question_replaces_existing_file(tmp_path, capsys):
     preds = write_jsonl(tmp_path / "p.jsonl", SAMPLE[:1])
     out = tmp_path / "acc.jsonl"
     out.write_text("old\n" * 50)
-    assert main(["score", str(preds), "--per-question", str(out)]) == 0
+    assert main([str(preds), "--per-question", str(out)]) == 0
     assert out.read_text() == '{"question_id": 1, "accuracy": 1.0}\n'
     assert capsys.readouterr().out.splitlines()[-1] == "VQA accuracy: 100.00"
 
 
 def test_cli_official_pair(tmp_path, capsys):
     res, ann, _ = official_files(tmp_path, GOOD_RESULTS)
-    assert main(["score", "--results", str(res), "--annotations", str(ann)]) == 0
+    assert main(["--results", str(res), "--annotations", str(ann)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "VQA accuracy: 47.50"
     assert any(line.split() == ["yes/no", "100.00"] for line in out)
@@ -450,14 +451,14 @@ def test_cli_official_pair(tmp_path, capsys):
 
 def test_cli_zero_accuracy_prints_two_decimals(tmp_path, capsys):
     preds = write_jsonl(tmp_path / "p.jsonl", [rec(1, "no", ["yes"] * 10)])
-    assert main(["score", str(preds)]) == 0
+    assert main([str(preds)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "VQA accuracy: 0.00"
 
 
 def test_cli_bad_input_exits_2_with_message(tmp_path, capsys):
     preds = write_jsonl(tmp_path / "bad.jsonl", [SAMPLE[0], rec(2, "x", ["x"] * 9)])
     out = tmp_path / "acc.jsonl"
-    assert main(["score", str(preds), "--per-question", str(out)]) == 2
+    assert main([str(preds), "--per-question", str(out)]) == 2
     captured = capsys.readouterr()
     assert "bad.jsonl: line 2" in captured.err and "'answers'" in captured.err
     assert "Traceback" not in captured.err and captured.out == ""
@@ -465,15 +466,15 @@ def test_cli_bad_input_exits_2_with_message(tmp_path, capsys):
 
 
 def test_cli_missing_file_exits_2(tmp_path, capsys):
-    assert main(["score", str(tmp_path / "nope.jsonl")]) == 2
+    assert main([str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [
-    ["score"],
-    ["score", "p.jsonl", "--results", "r.json", "--annotations", "a.json"],
-    ["score", "--results", "r.json"],
-    ["score", "p.jsonl", "--questions", "q.json"],
+    [],
+    ["p.jsonl", "--results", "r.json", "--annotations", "a.json"],
+    ["--results", "r.json"],
+    ["p.jsonl", "--questions", "q.json"],
     [],
 ])
 def test_cli_usage_errors_exit_2(argv, capsys):
@@ -482,7 +483,7 @@ def test_cli_usage_errors_exit_2(argv, capsys):
 
 
 def test_cli_help(capsys):
-    assert main(["score", "--help"]) == 0
+    assert main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "--per-question" in text and "--annotations" in text and "VQA accuracy: NN.NN" in text
 
@@ -583,3 +584,15 @@ def test_matches_official_transliteration_on_random_cases():
     assert report.by_answer_type == by_answer
     assert report.by_question_type == by_question
     assert len({round(v, 6) for v in per_question.values()}) == 5   # all of 0/.3/.6/.9/1 occur
+
+
+def test_the_cli_scores_as_the_readme_spells_it_and_as_earlier_releases_did(tmp_path):
+    import subprocess
+    import sys
+
+    preds = write_jsonl(tmp_path / "p.jsonl", [rec(1, "no", ["yes"] * 10)])
+    for argv in (["score", str(preds)], ["score", "score", str(preds)]):
+        done = subprocess.run([sys.executable, "-m", "stages.cli", *argv], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[-1] == "VQA accuracy: 0.00"

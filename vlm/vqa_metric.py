@@ -603,31 +603,29 @@ examples:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf score", description=_DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf score", description=_DESCRIPTION, epilog=_SCORE_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    score = commands.add_parser("score", help="score predictions and print VQA accuracy",
-                                description=_DESCRIPTION, epilog=_SCORE_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    score.add_argument("predictions", nargs="?", metavar="PRED.jsonl",
-                       help="prediction records, one JSON object per line")
-    score.add_argument("--results", metavar="R.json", help="official results file")
-    score.add_argument("--annotations", metavar="A.json", help="official annotations file")
-    score.add_argument("--questions", metavar="Q.json",
-                       help="official questions file (optional, with --results)")
-    score.add_argument("--per-question", metavar="OUT.jsonl",
-                       help='also write {"question_id", "accuracy"} lines, accuracy in [0, 1]')
-    score.set_defaults(subparser=score)
+    parser.add_argument("predictions", nargs="?", metavar="PRED.jsonl",
+                        help="prediction records, one JSON object per line")
+    parser.add_argument("--results", metavar="R.json", help="official results file")
+    parser.add_argument("--annotations", metavar="A.json", help="official annotations file")
+    parser.add_argument("--questions", metavar="Q.json",
+                        help="official questions file (optional, with --results)")
+    parser.add_argument("--per-question", metavar="OUT.jsonl",
+                        help='also write {"question_id", "accuracy"} lines, accuracy in [0, 1]')
     return parser
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["score"]:  # `vqa-rlhf score score PRED.jsonl`, the spelling of earlier releases
+        argv = argv[1:]
     args = parser.parse_args(argv)
     official = args.results is not None or args.annotations is not None
     if args.predictions is not None and (official or args.questions is not None):
-        args.subparser.error("give either PRED.jsonl or --results/--annotations, not both")
+        parser.error("give either PRED.jsonl or --results/--annotations, not both")
     if args.predictions is None and not (args.results and args.annotations):
-        args.subparser.error("give PRED.jsonl, or both --results and --annotations")
+        parser.error("give PRED.jsonl, or both --results and --annotations")
     return args
 
 
