@@ -21,15 +21,32 @@ from vlm.data import ImageCache, encode_example, vqa_prompt
 from vlm.train import VLMTrainer
 
 
+def reward_prompt(prompt_template: str, question: str, facts_template: str | None = None,
+                  facts: str | None = None) -> str:
+    """The prompt a reward model reads: the VQA prompt, with the image's reference facts before the
+    question when the model is fact-augmented (`facts_template`) and the data has facts."""
+    if facts_template and facts:
+        question = facts_template.format(facts=facts.strip()) + question.strip()
+    return vqa_prompt(prompt_template, question)
+
+
+def encode_answer(tokenizer, prompt: str, answer: str, answer_template: str, image_seq_length: int,
+                  max_length: int) -> list[int]:
+    """Prompt + " answer" + EOS, as SFT encodes an answer. An empty answer (the policy emitted EOS at
+    once) is scored as "?": it still gets a (low) reward instead of failing the batch."""
+    return encode_example(tokenizer, prompt, answer_template.format(answer=answer.strip() or "?"),
+                          image_seq_length, max_length).input_ids
+
+
 def encode_rows(rows: list[dict], tokenizer, images: ImageCache, prompt_template: str, answer_template: str,
-                image_seq_length: int, max_length: int) -> list[dict]:
-    """Token ids + pixels of (image, question, answer) rows; a row that does not fit is an error naming it."""
+                image_seq_length: int, max_length: int, facts_template: str | None = None) -> list[dict]:
+    """Token ids + pixels of (image, question, answer) rows (+ the row's `facts` for a fact-augmented
+    reward model); a row that does not fit is an error naming it."""
     encoded = []
     for row in rows:
         try:
-            ids = encode_example(tokenizer, vqa_prompt(prompt_template, row["question"]),
-                                 answer_template.format(answer=row["answer"].strip()),
-                                 image_seq_length, max_length).input_ids
+            prompt = reward_prompt(prompt_template, row["question"], facts_template, row.get("facts"))
+            ids = encode_answer(tokenizer, prompt, row["answer"], answer_template, image_seq_length, max_length)
         except ValueError as exc:
             raise ValueError(f"label sample_id {row.get('sample_id')} (question {row['question_id']}): {exc}") from None
         encoded.append({"input_ids": ids, "pixel_values": images(row["image"]), "target": float(row["target"])})

@@ -14,7 +14,8 @@ TINY_MODEL = [
     "model.text_layers=1", "model.text_width=32", "model.text_heads=2", "model.vision_layers=1",
     "model.vision_width=32", "model.vision_heads=2", "model.vocab_size=300",
 ]
-TINY_DATA = ["data.synthetic.train_images=30", "data.synthetic.val_images=6", "data.synthetic.test_images=6"]
+TINY_DATA = ["data.synthetic.train_images=30", "data.synthetic.val_images=6", "data.synthetic.test_images=6",
+             "data.synthetic.rl_images=6"]
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +23,7 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     from data_prep.synthetic import SyntheticConfig, generate
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    generate(SyntheticConfig(train_images=30, val_images=6, test_images=6, seed=0), out, progress=False)
+    generate(SyntheticConfig(train_images=30, val_images=6, test_images=6, rl_images=6, seed=0), out, progress=False)
     return out
 
 
