@@ -49,7 +49,9 @@ def encode_rows(rows: list[dict], tokenizer, images: ImageCache, prompt_template
             ids = encode_answer(tokenizer, prompt, row["answer"], answer_template, image_seq_length, max_length)
         except ValueError as exc:
             raise ValueError(f"label sample_id {row.get('sample_id')} (question {row['question_id']}): {exc}") from None
-        encoded.append({"input_ids": ids, "pixel_values": images(row["image"]), "target": float(row["target"])})
+        # train_target: a soft target (rm.soft_targets) where one is set, else the label
+        encoded.append({"input_ids": ids, "pixel_values": images(row["image"]),
+                        "target": float(row.get("train_target", row["target"]))})
     return encoded
 
 

@@ -173,6 +173,9 @@ class RewardTrainConfig(TrainConfig):
     # Trained into <run>/rm-fact (ppo.reward=fact_model reads it), beside the plain one in <run>/rm.
     facts: bool = False
     facts_template: str = "Facts: {facts}\n"
+    # Train on the official VQA accuracy of each answer against its ground truth (soft BCE targets)
+    # instead of the correct / incorrect label where the ground truth is known; metrics still use labels.
+    soft_targets: bool = False
     best_of_n: int = 8  # diagnostics: best-of-n by the reward on held-out questions (0: off)
     best_of_n_questions: int = 400  # of the eval split, the first N questions
 
