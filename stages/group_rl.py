@@ -46,6 +46,31 @@ class RewardFunction:
         return scores
 
 
+def positions_from_the_mask(model) -> None:
+    """Makes the language model number each row's tokens from its first unmasked token.
+
+    trl 1.12's GRPO / RLOO log-prob forward (`_get_per_token_logps_and_entropies`) passes no
+    position_ids, and GPT-2 then numbers every column 0, 1, 2, ...: a left-padded prompt's
+    tokens sit at positions shifted by its padding, unlike in generation (which derives
+    positions from the mask) and unlike the same prompt unpadded. The old, new and reference
+    log-probs of padded rows were those of inputs the policy never sampled from, and the
+    KL estimate of a row grew with its padding (the spikes of 20-887 seen with GPT-2). The
+    hook fills in mask-derived positions where none are given (generation gives its own)."""
+    from rewards.reward_model import position_ids_from_mask
+    from vlm.features import llava_of
+
+    def with_positions(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and mask is not None and mask.dim() == 2:
+            tokens = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+            width = tokens.shape[1] if tokens is not None else mask.shape[1]
+            kwargs["position_ids"] = position_ids_from_mask(mask)[:, -width:]
+        return args, kwargs
+
+    # on the language model itself: PEFT calls the Llava model's forward() directly, past its hooks
+    llava_of(model).model.language_model.register_forward_pre_hook(with_positions, with_kwargs=True)
+
+
 def prompt_dataset(config: RunConfig):
     from datasets import Dataset
 
@@ -99,6 +124,9 @@ def train(config: RunConfig, work_dir: Path | None = None) -> dict:
                           args=AlgoConfig(**common), train_dataset=prompt_dataset(config), processing_class=processor,
                           peft_config=peft_config)
     reward.to(trainer.accelerator.device)
+    for model in (trainer.accelerator.unwrap_model(trainer.model), trainer.ref_model):
+        if model is not None:
+            positions_from_the_mask(model)
     from vlm.train import last_complete_checkpoint
 
     resume_from = last_complete_checkpoint(work_dir / "checkpoints") if ppo.resume else None
