@@ -222,12 +222,14 @@ class PPOConfig:
     eval_steps: int = 20  # held-out VQA accuracy every N updates (0: off)
     eval_samples: int = 256
     resume: bool = True
-    # Reward-hacking guard (ppo): the alarm fires when, over the last hacking_window updates, the
-    # mean reward rose while the rollouts' agreement with the ground truth (official VQA accuracy)
-    # fell by hacking_drop points; the stage then stops and keeps the best held-out checkpoint.
+    # Reward-hacking guard (ppo): the alarm fires when the last hacking_window updates' mean reward is
+    # above the first hacking_window updates' while the reward's agreement with the ground truth
+    # (official VQA accuracy of the same rollouts) is hacking_drop points below theirs; the stage then
+    # stops and keeps the best held-out checkpoint. With 64 rollouts an update's agreement varies by
+    # about 6 points, so a 10-update mean by about 2: a 10-point drop is not noise.
     stop_on_hacking: bool = True
-    hacking_window: int = 5
-    hacking_drop: float = 5.0
+    hacking_window: int = 10
+    hacking_drop: float = 10.0
     # Oracle control: after the run, the same PPO budget again with ppo.reward=vqa_accuracy (into
     # <run>/ppo-oracle), so the report shows how much of the gap is the reward's. Off by default:
     # it doubles the stage's time.
