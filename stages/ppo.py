@@ -1,12 +1,15 @@
-"""RLHF: PPO of the SFT policy against the multimodal reward model, with the image in every forward.
+"""RLHF: PPO of the SFT policy against a reward (ppo.reward), with the image in every forward.
 
     vqa-rlhf ppo configs/default.yaml [key=value ...]
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m stages.ppo configs/default.yaml   # 2 CPU ranks
     accelerate launch --config_file configs/accelerate/zero2.yaml -m stages.ppo configs/default.yaml
 
 setup: policy = <run>/sft/final (full or LoRA: then the reference is the policy with the
-       adapter disabled, else a frozen copy); reward model = <run>/rm/final; value model =
-       a copy of the reward model; queries = train-split VQA prompts with their images
+       adapter disabled, else a frozen copy); reward = ppo.reward (rewards/base.py: the
+       learned reward model <run>/rm/final, the fact-augmented one, official VQA accuracy,
+       MiniLM similarity, or a weighted mix); value model = a copy of the reward's learned
+       model, else the policy's backbone with a fresh head; queries = the VQA prompts of
+       data.rl_split (images SFT never trained on) with their images and record data
        (with data.feature_cache and ppo.freeze_vision: cached CLIP features for every model
        whose tower made the cache, pixels for one whose tower differs, e.g. a reward model
        trained with its vision unfrozen)
@@ -15,10 +18,12 @@ train: trl 1.12 `trl.experimental.ppo.PPOTrainer`, subclassed (VisionPPOTrainer)
        and reward forwards and every PPO minibatch step; checkpoints every ppo.save_steps,
        resume after a kill; held-out VQA accuracy every ppo.eval_steps
 log:   <run>/ppo/log.jsonl every update: mean reward, KL, response length, entropy, and the
-       rollouts' official VQA accuracy with its agreement with the reward model (a rise in
-       reward with a fall in VQA accuracy is reward hacking)
-save:  <run>/ppo/final (stock-loadable Llava), <run>/ppo/value_model, <run>/ppo/metrics.json
-       with greedy test-split VQA accuracy before (the SFT policy) and after
+       rollouts' official VQA accuracy with its agreement with the reward; the reward-hacking
+       alarm (reward up, agreement down) stops the run (ppo.stop_on_hacking)
+save:  <run>/ppo/final (stock-loadable Llava: the last policy, or the best held-out one when
+       the alarm stopped the run or the last is worse on held-out than the start),
+       <run>/ppo/value_model, <run>/ppo/metrics.json with greedy test-split VQA accuracy
+       before (the SFT policy) and after, compared per question (paired bootstrap CI)
 
 With N processes the N ranks share each update's rollouts (ppo.batch_size per rank), so
 ppo.steps updates of one process become ppo.steps / N updates of N times the rollouts.
@@ -459,8 +464,9 @@ class PPORun:
             self.images.check_matches(model_signature(model, self.processor), "the reward model")
             return self.images
         except FeatureCacheMismatch as mismatch:
-            print(f"note: the reward and value models read pixels: data.feature_cache was made by another "
-                  f"vision tower ({mismatch.details})", flush=True)
+            if self._pixels is None:
+                print(f"note: the reward and value models read pixels: data.feature_cache was made by another "
+                      f"vision tower ({mismatch.details})", flush=True)
         if self._pixels is None:  # one pixel cache for every model that needs pixels
             self._pixels = ImageCache(self.processor.image_processor, self.config.data_dir)
         return self._pixels
