@@ -123,13 +123,14 @@ def score(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128) 
     return out
 
 
-def check_objective(config: RewardTrainConfig, train_rows: list[dict]) -> None:
+def check_objective(config: RewardTrainConfig, train_rows: list[dict], preferences: list | None = None) -> None:
     if config.objective == "pairwise":
         from rewards.labels_io import pairs_by_question
 
-        if not pairs_by_question(train_rows):
+        if not pairs_by_question(train_rows) and not preferences:
             raise ValueError("rm.objective=pairwise needs questions with both a correct and an incorrect "
-                             "labelled answer; the labels have none (use rm.objective=pointwise)")
+                             "labelled answer, or pairwise preferences; the labels have none "
+                             "(use rm.objective=pointwise)")
     if {r["target"] for r in train_rows} != {0, 1}:
         # Not an error (a smoke run's barely trained model gets everything wrong), but worth saying loudly.
         print(f"rm: WARNING: all {len(train_rows)} training labels are "

@@ -37,7 +37,8 @@ from vlm.train import (
 )
 from rewards.baselines import evaluate_baselines, group_accuracy
 from rewards.diagnostics import label_noise, ranking_accuracy
-from rewards.labels_io import binary_metrics, fit_threshold, load_labels, pairs_by_question, question_families, split_by_image
+from rewards.labels_io import (binary_metrics, fit_threshold, load_labels, load_preference_pairs, pairs_by_question,
+                               question_families, split_by_image)
 from rewards.reward_model import RewardModel
 from rewards.train_rm import PairwiseCollator, PointwiseCollator, RewardTrainer, check_objective, encode_rows, score
 from stages.common import config_from_args, run_stage, stage_parser, write_json
@@ -82,7 +83,14 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
             if row["gt_answers"]:
                 row["train_target"] = vqa_accuracy(row["answer"], row["gt_answers"])
     train_rows, heldout_rows = split_by_image(rows, rm.heldout_fraction)
-    check_objective(rm, train_rows)
+    heldout_images = {r["image"] for r in heldout_rows}
+    # people's pairwise preferences (pairwise mode of the labeling page), on training images only
+    preferences = [pair for pair in load_preference_pairs(labels_dir) if pair[0]["image"] not in heldout_images]
+    if rm.facts:
+        for pair in preferences:
+            for row in pair:
+                row["facts"] = captions.get(row["image"])
+    check_objective(rm, train_rows, preferences)
     processor = AutoProcessor.from_pretrained(base)
     tokenizer = processor.tokenizer
     model = RewardModel.from_sft(base)
@@ -94,6 +102,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     if rm.objective == "pairwise":
         index = {id(r): e for r, e in zip(train_rows, train_encoded)}
         dataset = [(index[id(good)], index[id(bad)]) for good, bad in pairs_by_question(train_rows)]
+        dataset += list(zip(encode([good for good, _ in preferences]), encode([bad for _, bad in preferences])))
         collator = PairwiseCollator(tokenizer.pad_token_id)
     else:
         dataset, collator = train_encoded, PointwiseCollator(tokenizer.pad_token_id)
@@ -103,8 +112,8 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
         model = apply_lora(model, rm, task_type=None, extra_modules_to_save=["score"])  # the new head trains fully
     if is_main_process():
         positives = sum(r["target"] for r in train_rows)
-        print(f"rm: {len(train_rows)} training labels ({positives} correct), {len(heldout_rows)} held out; "
-              f"{rm.objective}: {len(dataset)} training examples", flush=True)
+        print(f"rm: {len(train_rows)} training labels ({positives} correct), {len(heldout_rows)} held out, "
+              f"{len(preferences)} pairwise preferences; {rm.objective}: {len(dataset)} training examples", flush=True)
 
     checkpoints = out_dir / "checkpoints"
     trainer = RewardTrainer(
@@ -138,7 +147,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     })
     metrics.update({
         "objective": rm.objective, "labels": str(labels_dir), "base": str(base),
-        "train_labels": len(train_rows), "heldout_labels": len(heldout_rows),
+        "train_labels": len(train_rows), "heldout_labels": len(heldout_rows), "preference_pairs": len(preferences),
         "steps": trainer.state.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 2),
         "checkpoint": str(out_dir / "final"),
         "baselines": evaluate_baselines(train_rows, heldout_rows, families) if is_main_process() else {},
