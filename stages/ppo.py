@@ -370,7 +370,6 @@ class PPORun:
         self.log_path = self.work_dir / "log.jsonl"
         self.checkpoints = self.work_dir / "checkpoints"
         self.best_dir = self.work_dir / "best"  # the best held-out policy so far (the guard keeps it)
-        self.hacking_alarm_at: int | None = None
 
     def build(self):
         cfg, ppo = self.config, self.config.ppo
@@ -492,10 +491,7 @@ class PPORun:
                                                 reduction="sum").item())
         if alarm:
             metrics["hacking_alarm"] = True
-            if self.hacking_alarm_at is None:
-                self.hacking_alarm_at = update
-            if ppo.stop_on_hacking:
-                trainer.stop_requested = True
+            trainer.stop_requested = ppo.stop_on_hacking
         stopping = last or trainer.stop_requested
         if ppo.eval_steps and (update % ppo.eval_steps == 0 or stopping):
             metrics["val_vqa_accuracy"] = self.held_out_accuracy(trainer)

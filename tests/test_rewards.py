@@ -176,6 +176,42 @@ def test_fact_model_training_needs_captions(saved_tiny_model, tiny_overrides, ti
         train(config_with(tiny_overrides, "rm.facts=true", "rm.steps=1"), labels, saved_tiny_model)
 
 
+def test_soft_targets_train_on_the_official_accuracy(saved_tiny_model, tiny_data_dir, tiny_overrides, tmp_path,
+                                                    monkeypatch):
+    from rewards.labels_io import load_labels
+    from stages import rm as rm_stage
+    from tests.test_reward_model import planted_labels
+    from vlm.vqa_metric import vqa_accuracy
+
+    seen = {}
+
+    class Capturing(rm_stage.RewardTrainer):
+        def __init__(self, *args, train_dataset, **kwargs):
+            seen["targets"] = [example["target"] for example in train_dataset]
+            super().__init__(*args, train_dataset=train_dataset, **kwargs)
+
+    monkeypatch.setattr(rm_stage, "RewardTrainer", Capturing)
+    labels = planted_labels(tiny_data_dir, tmp_path / "labels")
+    # each question's least common annotator answer too, labeled incorrect: the official metric gives it credit
+    rows = [json.loads(l) for l in (labels / "labels.jsonl").read_text().splitlines()]
+    for row in [r for r in rows if r["label"] == "correct"]:
+        minority = min(row["gt_answers"], key=row["gt_answers"].count)
+        rows.append({**row, "sample_id": len(rows), "answer": minority, "label": "incorrect"})
+    from datasets import Dataset
+
+    shutil.rmtree(labels)
+    Dataset.from_list(rows).save_to_disk(str(labels))
+    (labels / "meta.json").write_text(json.dumps({"image_root": str(tiny_data_dir)}))
+    config = config_with(tiny_overrides, "rm.soft_targets=true", "rm.steps=1", "rm.batch_size=4", "rm.best_of_n=0",
+                         "rm.heldout_fraction=0.3")
+    metrics = rm_stage.train(config, labels, saved_tiny_model, tmp_path / "rm")
+    rows, _ = load_labels(labels)
+    held_out = {r["image"] for r in rm_stage.split_by_image(rows, 0.3)[1]}
+    expected = [vqa_accuracy(r["answer"], r["gt_answers"]) for r in rows if r["image"] not in held_out]
+    assert seen["targets"] == pytest.approx(expected) and metrics["soft_targets"]
+    assert 0 < sum(0 < t < 1 for t in expected)  # partial credit: an answer 1-2 annotators gave
+
+
 # ---------------------------------------------------------------- RL on unseen prompts, verifiable reward
 
 def test_ppo_with_the_verifiable_reward_draws_unseen_prompts_and_scores_the_official_metric(
