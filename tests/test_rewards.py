@@ -441,3 +441,28 @@ def test_group_rl_log_probs_of_a_left_padded_row_equal_the_unpadded_rows(trainer
     positions_from_the_mask(model)
     padded, alone = padded_and_alone()
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_the_ppo_command_reports_the_comparison_and_the_oracle_control(tiny_overrides, ppo_dirs, tmp_path):
+    """`vqa-rlhf ppo` end to end on the tiny model: before / after per question, then the same budget with
+    the verifiable reward (ppo.oracle_control), all in metrics.json and the report."""
+    from stages.ppo import main
+    from stages.report import build_report
+
+    sft, rm = ppo_dirs
+    assert main([str(REPO / "configs/default.yaml"), *tiny_overrides, f"ppo.policy={sft}", f"ppo.reward_model={rm}",
+                 "ppo.steps=2", "ppo.batch_size=4", "ppo.mini_batches=2", "ppo.ppo_epochs=1", "ppo.eval_steps=0",
+                 "ppo.save_steps=0", "ppo.max_prompts=16", "ppo.oracle_control=true"]) == 0
+    run_dir = tmp_path / "tiny"
+    metrics = json.loads((run_dir / "ppo" / "metrics.json").read_text())
+    assert metrics["reward"] == "model" and metrics["prompt_split"] == "rl"
+    assert metrics["better"] + metrics["worse"] <= metrics["eval_count"] == 24  # the tiny test split
+    assert len(metrics["ci95"]) == 2 and metrics["ci95"][0] <= metrics["change"] <= metrics["ci95"][1]
+    assert set(metrics["oracle_control"]) == {"vqa_accuracy_after", "error_removed", "ci95", "updates", "seconds"}
+    oracle = json.loads((run_dir / "ppo-oracle" / "metrics.json").read_text())
+    assert oracle["reward"] == "vqa_accuracy" and oracle["updates"] == metrics["updates"] == 2  # the same budget
+    assert (run_dir / "eval" / "ppo-oracle" / "predictions.jsonl").is_file()
+    report = build_report(run_dir)["stages"]["ppo"]
+    for key in ("reward", "error_removed", "ci95", "better", "worse", "by_family", "oracle_control"):
+        assert report[key] == metrics[key], key
+    assert "Oracle control" in (run_dir / "report.md").read_text()
