@@ -27,8 +27,35 @@ from bench.sft_throughput import MODELS, add_model_options, apply_model_options,
 
 
 class _TokenIds:
-    """What the trainer needs of a tokenizer here: the pad / EOS id (GPT-2: the same)."""
+    """What the trainer needs of a tokenizer here: the pad / EOS id (GPT-2: the same) and decoding
+    (the texts go to the reward, which here does not read them)."""
     pad_token_id = eos_token_id = 0
+
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return ["-"] * len(ids)
+
+
+def model_forward_reward(reward_model, dataset, input_name: str, answer_tokens: int):
+    """What a learned reward (rewards/model_reward.py) costs: one reward-model forward per answer over
+    its prompt + an answer of `answer_tokens` ids, with the image input, at the last token."""
+    from rewards.base import Reward
+    from vlm.features import image_inputs
+
+    class ModelForward(Reward):
+        def __init__(self):
+            super().__init__()
+            self.model = reward_model
+
+        @torch.no_grad()
+        def score(self, inputs):
+            items = [dataset[int(i.record_id)] for i in inputs]
+            ids = torch.tensor([item["input_ids"] + [9] * answer_tokens for item in items])
+            device = next(self.model.parameters()).device
+            images = torch.stack([item[input_name] for item in items]).to(device)
+            return self.model(ids.to(device), torch.ones_like(ids).to(device),
+                              **image_inputs(self.model, images, input_name)).cpu()
+
+    return ModelForward()
 
 
 def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int, images: str):
@@ -52,8 +79,9 @@ def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, 
     input_name = {"pixels": "pixel_values", "features": IMAGE_FEATURES}[images]
     prompt = lambda: ([5, 6, 7] + [config.image_token_index] * config.image_seq_length
                       + torch.randint(10, bench.vocab_size - 2, (bench.text_tokens - 6,)).tolist())
-    dataset = [{"input_ids": prompt(), input_name: torch.randn(image_shape[input_name]), "answers": []}
-               for _ in range(batch_size)]
+    dataset = [{"input_ids": prompt(), input_name: torch.randn(image_shape[input_name]),
+                "reference": {"id": str(i), "image": str(i), "question": "", "answers": [], "caption": None}}
+               for i in range(batch_size)]
     args = TRLPPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, num_mini_batches=mini_batches,
         num_ppo_epochs=ppo_epochs, total_episodes=batch_size * 1000, response_length=max_new_tokens,
@@ -61,7 +89,8 @@ def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, 
         use_cpu=not torch.cuda.is_available(), bf16=False, num_sample_generations=0, disable_tqdm=True,
     )
     return VisionPPOTrainer(
-        args=args, processing_class=_TokenIds(), model=policy, ref_model=ref, reward_model=reward,
+        args=args, processing_class=_TokenIds(), model=policy, ref_model=ref,
+        reward_model=model_forward_reward(reward, dataset, input_name, max_new_tokens),
         value_model=value, train_dataset=dataset, eval_dataset=dataset, data_collator=PromptCollator(0),
         image_token_id=config.image_token_index, max_grad_norm=1.0, policy_input=input_name, critic_input=input_name,
     )

@@ -73,7 +73,13 @@ ROW_WORDS = ("top", "middle", "bottom")
 COLUMN_WORDS_BY_GRID = {1: ("middle",), 2: ("left", "right"), 3: POSITIONS}
 ROW_WORDS_BY_GRID = {1: ("middle",), 2: ("top", "bottom"), 3: ROW_WORDS}
 
-SPLITS = ("train", "val", "test")
+# `rl`: images SFT never trains on, for sampling answers to label and for RL prompts. Its
+# scenes come from train's slice of the scene space (the distribution SFT learns), drawn from
+# their own random stream, so train / val / test are exactly what they were before it existed.
+# Its images are new; a layout may repeat one of train's (there are only 162 one-object
+# layouts), never one of val's or test's.
+SPLITS = ("train", "val", "test", "rl")
+SIGNATURE_SLICE_OF = {"rl": "train"}  # a split drawing from another split's slice of the scene space
 ANSWER_TYPES = ("yes/no", "number", "other")
 
 # Answer used in conversations when the question asks about something absent.
@@ -97,6 +103,7 @@ CONFIG_HELP = {
     "train_images": "number of train images",
     "val_images": "number of val images",
     "test_images": "number of test images",
+    "rl_images": "number of rl images (never in SFT: prompts for labeling and RL)",
     "seed": "seed for all randomness; same seed -> identical dataset",
     "min_object_scale": "smallest object size as a fraction of its cell",
     "max_object_scale": "largest object size as a fraction of its cell",
@@ -113,6 +120,7 @@ class SyntheticConfig:
     train_images: int = 6000
     val_images: int = 300
     test_images: int = 600
+    rl_images: int = 1000
     seed: int = 0
     # Object size as a fraction of its cell, and how much of the cell's free space
     # the object may wander in (0: centred in its cell, 1: anywhere inside it).
@@ -249,7 +257,7 @@ def sample_scene_for_split(config: SyntheticConfig, split: str, rng: random.Rand
             # scenes on a 2 x 2 grid, or a rare seed).  Try another count.
             object_count = rng.randint(1, config.max_objects)
         objects = sample_scene(config, rng, object_count)
-        if split_of_signature(scene_signature(objects), config.seed) == split:
+        if split_of_signature(scene_signature(objects), config.seed) == SIGNATURE_SLICE_OF.get(split, split):
             return objects
     raise RuntimeError(
         f"could not draw a {split} scene: the scene space of grid={config.grid}, "
@@ -845,12 +853,58 @@ def _existing_counts(config: SyntheticConfig, out_dir: Path) -> Optional[dict]:
         return None
     wanted = {"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(config)}
     found = {"generator_version": meta.get("generator_version"), "config": meta.get("config")}
+    if _made_before_the_rl_split(found, wanted, meta):
+        return _add_split(config, out_dir, meta, "rl")
     if found != wanted:
         raise FileExistsError(
             f"{out_dir} holds a synthetic dataset made with a different config or generator "
             f"version:\n  found:  {json.dumps(found, sort_keys=True)}\n  wanted: "
             f"{json.dumps(wanted, sort_keys=True)}\nRemove it or choose another --out."
         )
+    return meta["counts"]
+
+
+def _made_before_the_rl_split(found: dict, wanted: dict, meta: dict) -> bool:
+    """A dataset of this generator version written before the rl split existed: the same config
+    but for rl_images. Its train / val / test are what this generator writes (the rl split has
+    its own random stream), so it is completed in place rather than refused."""
+    config = dict(found["config"] or {})
+    return (found["generator_version"] == wanted["generator_version"] and "rl_images" not in config
+            and "rl" not in meta.get("counts", {})
+            and {**config, "rl_images": wanted["config"]["rl_images"]} == wanted["config"])
+
+
+def _add_split(config: SyntheticConfig, out_dir: Path, meta: dict, split: str) -> dict:
+    """Adds one split to a complete dataset; the other splits' records and images stay as they are.
+    meta.json is rewritten last, so a killed run leaves the old meta and the next run redoes it."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    print(f"synthetic dataset at {out_dir} was made before the {split} split existed; adding it "
+          f"({config.images(split)} images; the other splits are unchanged)")
+    features = _features()
+    with tqdm(total=config.images(split), desc=f"synthetic {split} images", unit="img", disable=True) as bar:
+        records = generate_split(config, split, out_dir, bar)
+    bars_were_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        for kind in ("vqa", "captions", "conversations"):
+            existing = datasets.load_from_disk(str(out_dir / kind))
+            splits = {name: existing[name] for name in existing if name != split}
+            splits[split] = datasets.Dataset.from_list(records[kind], features=features[kind])
+            tmp, old = out_dir / f"{kind}.tmp-{split}", out_dir / f"{kind}.old-{split}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+            datasets.DatasetDict(splits).save_to_disk(str(tmp))
+            os.rename(out_dir / kind, old)
+            os.rename(tmp, out_dir / kind)
+            shutil.rmtree(old)
+    finally:
+        if bars_were_enabled:
+            datasets.enable_progress_bars()
+    meta = {**meta, "config": dataclasses.asdict(config),
+            "counts": {**meta["counts"], split: split_counts(records)}}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta["counts"]
 
 

@@ -4,7 +4,9 @@
 
 Open http://127.0.0.1:8765/ (with a token: http://HOST:PORT/?token=T) and type a
 name. Keys: c or 1 = correct, x or 2 = incorrect, u or 3 = unsure, z or Backspace
-= undo the last label, g = show / hide the ground-truth answers.
+= undo the last label, g = show / hide the ground-truth answers. Pairwise mode
+(http://127.0.0.1:8765/?mode=pairs): two answers to the same image and question;
+a = A better, b = B better, r = both right, w = both wrong.
 
 API (JSON; with --token every request needs it: `Authorization: Bearer T`, or the
 cookie the page gets from /?token=T; without it: 401):
@@ -14,6 +16,11 @@ cookie the page gets from /?token=T; without it: 401):
   POST /api/labels {"sample_id", "label", "labeler"}  -> 201 {"label_id", ...} once stored durably
   POST /api/undo {"labeler"}    -> 200 the withdrawn sample (leased to NAME again), or 409 if nothing to undo
   GET  /api/stats               -> per-labeler counts, Cohen's kappa between labelers, auto-vs-human agreement
+  GET  /api/next-pair?labeler=NAME -> 200 {"question", "image_url", "a": {"sample_id", "answer"}, "b": {...},
+                                   "progress": {"pairs_by_you"}}: two answers to one question NAME has not
+                                   compared yet, or 204 when none is left
+  POST /api/comparisons {"sample_a", "sample_b", "verdict", "labeler"} (verdict: a | b | both_right |
+                                   both_wrong) -> 201 {"comparison_id", ...} once stored durably
   GET  /images/SAMPLE_ID        -> that sample's image (only images of samples in the store)
 
 Security: binds 127.0.0.1 unless told otherwise, and refuses any other address
@@ -288,6 +295,40 @@ def make_handler(app: LabelApp, log: bool = False):
             self._json(HTTPStatus.CREATED, {"label_id": label_id, "sample_id": data["sample_id"],
                                             "label": data["label"], "labeler": data["labeler"].strip()})
 
+        def get_next_pair(self, path, query):
+            try:
+                labeler = check_labeler((query.get("labeler") or [None])[0])
+            except StoreError as exc:
+                raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            pair = app.store.next_pair(labeler)
+            if pair is None:
+                self._send(HTTPStatus.NO_CONTENT, b"")
+                return
+            a, b = pair
+            item = {"question": a["question"], "image_url": f"/images/{a['sample_id']}",
+                    "a": {"sample_id": a["sample_id"], "answer": a["answer"]},
+                    "b": {"sample_id": b["sample_id"], "answer": b["answer"]},
+                    "progress": {"pairs_by_you": app.store.comparisons_by(labeler)}}
+            if (query.get("truth") or ["0"])[0] == "1":
+                item["gt_answers"] = a["gt_answers"]
+            self._json(HTTPStatus.OK, item)
+
+        def post_comparisons(self, path, query):
+            data = self._body()
+            unknown = set(data) - {"sample_a", "sample_b", "verdict", "labeler"}
+            if unknown:
+                raise HttpError(HTTPStatus.BAD_REQUEST, f"unknown field(s) {sorted(unknown)}")
+            try:
+                comparison_id = app.store.add_comparison(data.get("sample_a"), data.get("sample_b"),
+                                                         data.get("labeler"), data.get("verdict"))
+            except UnknownSample as exc:
+                raise HttpError(HTTPStatus.NOT_FOUND, str(exc)) from None
+            except StoreError as exc:
+                raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+            self._json(HTTPStatus.CREATED, {"comparison_id": comparison_id, "sample_a": data["sample_a"],
+                                            "sample_b": data["sample_b"], "verdict": data["verdict"],
+                                            "labeler": data["labeler"].strip()})
+
         def post_undo(self, path, query):
             data = self._body()
             try:
@@ -306,7 +347,8 @@ def _route_name(path: str) -> str:
         return "page"
     if path.startswith("/images/"):
         return "image"
-    return {"/api/next": "next", "/api/stats": "stats", "/api/labels": "labels", "/api/undo": "undo"}.get(path, "other")
+    return {"/api/next": "next", "/api/stats": "stats", "/api/labels": "labels", "/api/undo": "undo",
+            "/api/next-pair": "next_pair", "/api/comparisons": "comparisons"}.get(path, "other")
 
 
 def make_server(store: LabelStore, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,

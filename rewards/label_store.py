@@ -5,6 +5,8 @@ Tables (schema version in PRAGMA user_version):
   provenance  one row per `vqa-rlhf sample` run: checkpoint, decoding settings, split, time
   samples     image (relative to image_root), question, answer, ground-truth answers (JSON, [] if unknown)
   labels      (sample, labeler, label in correct|incorrect|unsure, time, undone_at): append-only history
+  comparisons (sample_a, sample_b: two answers to one question as shown, labeler, verdict in
+              a|b|both_right|both_wrong, time, undone_at): pairwise preferences, append-only
 
 A re-label is a new row; the old one stays as history. The *current* label of a
 labeler for a sample is their latest row (by time, then insertion order) that was
@@ -36,8 +38,9 @@ from typing import Iterable
 
 from vlm.vqa_metric import clean_whitespace, normalize_answer, vqa_accuracy
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LABELS = ("correct", "incorrect", "unsure")
+VERDICTS = ("a", "b", "both_right", "both_wrong")  # pairwise: A better, B better, both right, both wrong
 AUTO = "auto"  # the auto-labeler's name; people cannot label under it
 MAX_LABELER_LENGTH = 64
 
@@ -84,8 +87,22 @@ WHERE l.undone_at IS NULL AND NOT EXISTS (
       AND (m.time > l.time OR (m.time = l.time AND m.id > l.id)));
 """
 
+COMPARISONS = f"""
+CREATE TABLE comparisons (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_a INTEGER NOT NULL REFERENCES samples(id),  -- the answer shown as A
+    sample_b INTEGER NOT NULL REFERENCES samples(id),  -- the answer shown as B (same question and image)
+    labeler TEXT NOT NULL,
+    verdict TEXT NOT NULL CHECK (verdict IN {VERDICTS}),
+    time REAL NOT NULL,
+    undone_at REAL
+);
+CREATE INDEX comparisons_by_labeler ON comparisons (labeler, sample_a, sample_b);
+"""
+SCHEMA += COMPARISONS
+
 # Version n -> n+1 upgrades, applied in order by LabelStore on open.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {1: COMPARISONS}  # 2: pairwise preferences
 
 
 class StoreError(ValueError):
@@ -444,6 +461,79 @@ class LabelStore:
                 self._refresh_human_count(db, sample_id)
         return {"imported": len(good) - present, "already_present": present, "rejected": rejects.count}
 
+    # -- pairwise preferences -------------------------------------------------
+
+    def add_comparison(self, sample_a, sample_b, labeler: str, verdict: str, at: float | None = None) -> int:
+        """Append one judgement of two answers to the same question about the same image, as shown
+        (A, B); returns its id once it is on disk."""
+        for name, value in (("sample_a", sample_a), ("sample_b", sample_b)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise StoreError(f"field '{name}' must be an integer")
+        if sample_a == sample_b:
+            raise StoreError("fields 'sample_a' and 'sample_b' must be two different samples")
+        labeler = check_labeler(labeler)
+        if verdict not in VERDICTS:
+            raise StoreError(f"field 'verdict' must be one of {list(VERDICTS)}, got {verdict!r}")
+        with self._write() as db:
+            rows = {r["id"]: r for r in db.execute("SELECT id, question_id, image FROM samples WHERE id IN (?, ?)",
+                                                   (sample_a, sample_b))}
+            for sample_id in (sample_a, sample_b):
+                if sample_id not in rows:
+                    raise UnknownSample(f"unknown sample_id {sample_id}")
+            a, b = rows[sample_a], rows[sample_b]
+            if (a["question_id"], a["image"]) != (b["question_id"], b["image"]):
+                raise StoreError(f"samples {sample_a} and {sample_b} answer different questions "
+                                 f"({a['question_id']}, {b['question_id']}): only answers to one question compare")
+            return db.execute("INSERT INTO comparisons (sample_a, sample_b, labeler, verdict, time) VALUES (?, ?, ?, ?, ?)",
+                              (sample_a, sample_b, labeler, verdict, time.time() if at is None else at)).lastrowid
+
+    def next_pair(self, labeler: str) -> tuple[dict, dict] | None:
+        """Two answers to one question that this labeler has not compared yet (in either order)."""
+        rows = self._read(
+            "SELECT a.id AS a_id, b.id AS b_id FROM samples a JOIN samples b"
+            " ON a.question_id = b.question_id AND a.image = b.image AND a.id < b.id"
+            " WHERE NOT EXISTS (SELECT 1 FROM comparisons c WHERE c.labeler = ? AND c.undone_at IS NULL"
+            "   AND ((c.sample_a = a.id AND c.sample_b = b.id) OR (c.sample_a = b.id AND c.sample_b = a.id)))"
+            " ORDER BY a.id, b.id LIMIT 1", (labeler,))
+        return (self.sample(rows[0]["a_id"]), self.sample(rows[0]["b_id"])) if rows else None
+
+    def comparisons_by(self, labeler: str) -> int:
+        return self._read("SELECT count(*) FROM comparisons WHERE labeler = ? AND undone_at IS NULL", (labeler,))[0][0]
+
+    def all_comparisons(self) -> list[dict]:
+        return [dict(r) for r in self._read("SELECT * FROM comparisons ORDER BY id")]
+
+    def resolve_pairs(self) -> tuple[list[dict], Counter]:
+        """The final preference of every compared pair: each labeler's latest verdict counts (the pair
+        in either order); the verdict most labelers gave wins; a tie is counted, not exported. Only
+        'a better' / 'b better' make a (chosen, rejected) pair; both right / both wrong say nothing
+        about the order and are counted."""
+        latest: dict[tuple[int, int], dict[str, str]] = defaultdict(dict)
+        for row in self.all_comparisons():  # in insertion order: later rows overwrite earlier ones
+            if row["undone_at"] is not None:
+                continue
+            low, high = sorted((row["sample_a"], row["sample_b"]))
+            verdict = row["verdict"]
+            if verdict in ("a", "b"):  # as the better sample's id, whatever side it was shown on
+                verdict = str(row["sample_a"] if verdict == "a" else row["sample_b"])
+            latest[(low, high)][row["labeler"]] = verdict
+        pairs, counts = [], Counter()
+        for (low, high), verdicts in sorted(latest.items()):
+            tally = Counter(verdicts.values()).most_common()
+            counts["compared"] += 1
+            if len(tally) > 1 and tally[0][1] == tally[1][1]:
+                counts["tie"] += 1
+                continue
+            winner = tally[0][0]
+            if winner in ("both_right", "both_wrong"):
+                counts[winner] += 1
+                continue
+            chosen, rejected = (low, high) if int(winner) == low else (high, low)
+            counts["preference"] += 1
+            pairs.append({"chosen": self.sample(chosen), "rejected": self.sample(rejected),
+                          "labelers": ",".join(sorted(name for name, v in verdicts.items() if v == winner))})
+        return pairs, counts
+
     # -- resolution, agreement, export ----------------------------------------
 
     def resolve(self) -> tuple[list[dict], Counter]:
@@ -516,12 +606,24 @@ class LabelStore:
         with open(tmp / "labels.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+        pairs, pair_counts = self.resolve_pairs()
+        with open(tmp / "pairs.jsonl", "w") as f:  # pairwise preferences: (chosen, rejected) answers
+            for pair in pairs:
+                chosen, rejected = pair["chosen"], pair["rejected"]
+                f.write(json.dumps({
+                    "question_id": chosen["question_id"], "image": chosen["image"], "question": chosen["question"],
+                    "chosen": chosen["answer"], "rejected": rejected["answer"], "chosen_sample_id": chosen["sample_id"],
+                    "rejected_sample_id": rejected["sample_id"], "labelers": pair["labelers"],
+                    "gt_answers": chosen["gt_answers"]}) + "\n")
         meta = {
             "image_root": str(self.image_root) if self.image_root else None,
             "db": str(self.path.resolve()),
             "counts": {"exported": len(rows), "correct": sum(r["label"] == "correct" for r in rows),
                        "incorrect": sum(r["label"] == "incorrect" for r in rows),
-                       **{k: counts[k] for k in ("samples", "human", "auto", "unsure", "tie", "unlabeled")}},
+                       **{k: counts[k] for k in ("samples", "human", "auto", "unsure", "tie", "unlabeled")},
+                       "pairs": len(pairs), "pairs_compared": pair_counts["compared"],
+                       "pairs_tie": pair_counts["tie"], "pairs_both_right": pair_counts["both_right"],
+                       "pairs_both_wrong": pair_counts["both_wrong"]},
             "exported_at": now_iso(),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -75,6 +75,27 @@ def pairs_by_question(rows: list[dict]) -> list[tuple[dict, dict]]:
     return [(good, bad) for g in groups.values() for good in g[1] for bad in g[0]]
 
 
+def load_preference_pairs(labels_dir: str | Path) -> list[tuple[dict, dict]]:
+    """The export's pairwise preferences (pairs.jsonl, from the labeling page's pairwise mode) as
+    (chosen, rejected) rows shaped like label rows; [] when the export has none."""
+    path = Path(labels_dir) / "pairs.jsonl"
+    if not path.is_file():
+        return []
+    pairs = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        pair = json.loads(line)
+        for name in ("question_id", "image", "question", "chosen", "rejected"):
+            if not isinstance(pair.get(name), str) or not pair[name].strip():
+                raise ValueError(f"{path}: line {number}: field '{name}' is empty")
+        common = {"question_id": pair["question_id"], "image": pair["image"], "question": pair["question"],
+                  "gt_answers": list(pair.get("gt_answers") or [])}
+        pairs.append(({**common, "sample_id": pair.get("chosen_sample_id"), "answer": pair["chosen"], "target": 1},
+                      {**common, "sample_id": pair.get("rejected_sample_id"), "answer": pair["rejected"], "target": 0}))
+    return pairs
+
+
 def binary_metrics(scores: list[float], targets: list[int], threshold: float) -> dict:
     """Accuracy (%) at a threshold and ROC AUC in [0, 1] (None when only one class is present)."""
     from sklearn.metrics import roc_auc_score

@@ -21,18 +21,37 @@ from vlm.data import ImageCache, encode_example, vqa_prompt
 from vlm.train import VLMTrainer
 
 
+def reward_prompt(prompt_template: str, question: str, facts_template: str | None = None,
+                  facts: str | None = None) -> str:
+    """The prompt a reward model reads: the VQA prompt, with the image's reference facts before the
+    question when the model is fact-augmented (`facts_template`) and the data has facts."""
+    if facts_template and facts:
+        question = facts_template.format(facts=facts.strip()) + question.strip()
+    return vqa_prompt(prompt_template, question)
+
+
+def encode_answer(tokenizer, prompt: str, answer: str, answer_template: str, image_seq_length: int,
+                  max_length: int) -> list[int]:
+    """Prompt + " answer" + EOS, as SFT encodes an answer. An empty answer (the policy emitted EOS at
+    once) is scored as "?": it still gets a (low) reward instead of failing the batch."""
+    return encode_example(tokenizer, prompt, answer_template.format(answer=answer.strip() or "?"),
+                          image_seq_length, max_length).input_ids
+
+
 def encode_rows(rows: list[dict], tokenizer, images: ImageCache, prompt_template: str, answer_template: str,
-                image_seq_length: int, max_length: int) -> list[dict]:
-    """Token ids + pixels of (image, question, answer) rows; a row that does not fit is an error naming it."""
+                image_seq_length: int, max_length: int, facts_template: str | None = None) -> list[dict]:
+    """Token ids + pixels of (image, question, answer) rows (+ the row's `facts` for a fact-augmented
+    reward model); a row that does not fit is an error naming it."""
     encoded = []
     for row in rows:
         try:
-            ids = encode_example(tokenizer, vqa_prompt(prompt_template, row["question"]),
-                                 answer_template.format(answer=row["answer"].strip()),
-                                 image_seq_length, max_length).input_ids
+            prompt = reward_prompt(prompt_template, row["question"], facts_template, row.get("facts"))
+            ids = encode_answer(tokenizer, prompt, row["answer"], answer_template, image_seq_length, max_length)
         except ValueError as exc:
             raise ValueError(f"label sample_id {row.get('sample_id')} (question {row['question_id']}): {exc}") from None
-        encoded.append({"input_ids": ids, "pixel_values": images(row["image"]), "target": float(row["target"])})
+        # train_target: a soft target (rm.soft_targets) where one is set, else the label
+        encoded.append({"input_ids": ids, "pixel_values": images(row["image"]),
+                        "target": float(row.get("train_target", row["target"]))})
     return encoded
 
 
@@ -104,13 +123,14 @@ def score(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128) 
     return out
 
 
-def check_objective(config: RewardTrainConfig, train_rows: list[dict]) -> None:
+def check_objective(config: RewardTrainConfig, train_rows: list[dict], preferences: list | None = None) -> None:
     if config.objective == "pairwise":
         from rewards.labels_io import pairs_by_question
 
-        if not pairs_by_question(train_rows):
+        if not pairs_by_question(train_rows) and not preferences:
             raise ValueError("rm.objective=pairwise needs questions with both a correct and an incorrect "
-                             "labelled answer; the labels have none (use rm.objective=pointwise)")
+                             "labelled answer, or pairwise preferences; the labels have none "
+                             "(use rm.objective=pointwise)")
     if {r["target"] for r in train_rows} != {0, 1}:
         # Not an error (a smoke run's barely trained model gets everything wrong), but worth saying loudly.
         print(f"rm: WARNING: all {len(train_rows)} training labels are "

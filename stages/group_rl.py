@@ -1,82 +1,106 @@
-"""GRPO and RLOO (trl 1.12) against the same multimodal reward model: `vqa-rlhf ppo ppo.algo=grpo|rloo`.
+"""GRPO and RLOO (trl 1.12) against the same rewards: `vqa-rlhf ppo ppo.algo=grpo|rloo`.
 
 Both trainers in trl 1.12 take vision-language models natively: a conversational
 `prompt` with an image part plus an `image` column; the processor (our LlavaProcessor
 with its chat template) expands `<image>` and the trainer passes pixel_values to
 generation and to every log-prob forward. What they do not have is a reward that
-sees the image: the reward here is a function that re-encodes each (image, question,
-answer) exactly as the reward model was trained on it and reads the reward model.
-No critic: group-relative (GRPO) or leave-one-out (RLOO) baselines over
-ppo.num_generations answers per question. `<image>` is suppressed in generation.
+sees the image and the record: the reward here is the stage's rewards.base.Reward
+(ppo.reward), called with each completion and its prompt's record data (image path,
+question, reference answers, caption), exactly as PPO calls it. No critic:
+group-relative (GRPO) or leave-one-out (RLOO) baselines over ppo.num_generations
+answers per question. `<image>` is suppressed in generation.
 """
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 
 from vlm.config import RunConfig, to_dict
-from vlm.data import check_vqa_record, encode_example, load_rgb, load_split, vqa_prompt
+from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_rgb, load_split, reference_of
 from vlm.model import load_model
 from vlm.train import save_final
 from vlm.vqa_metric import vqa_accuracy
-from rewards.reward_model import RewardModel
-from rewards.train_rm import pad_rows
+from rewards.base import Reward, RewardContext, build_reward, inputs_from_references
 from stages.common import write_json
 
 
-class ImageRewardFunction:
-    """trl reward function: (prompts, completions, image, question, answers) -> reward-model scores."""
+class RewardFunction:
+    """trl reward function: completions + their prompts' record columns -> the Reward's scores."""
 
-    __name__ = "reward_model"  # trl names the reward metric after the function
-
-    def __init__(self, reward_model: RewardModel, processor, config: RunConfig):
-        self.reward_model = reward_model.eval()
-        self.processor = processor
-        self.config = config
+    def __init__(self, reward: Reward):
+        self.reward = reward.eval()
+        self.__name__ = reward.name  # trl names the reward metric after the function
 
     @torch.no_grad()
-    def __call__(self, prompts, completions, image, question, answers, log_metric=None, **kwargs) -> list[float]:
-        data, tokenizer = self.config.data, self.processor.tokenizer
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        texts = [t.strip() or "?" for t in texts]  # an empty answer still gets scored (low)
-        pixels = self.processor.image_processor(images=list(image), return_tensors="pt")["pixel_values"]
-        rows = [{"input_ids": encode_example(tokenizer, vqa_prompt(data.prompt_template, q),
-                                             data.answer_template.format(answer=t),
-                                             self.reward_model.config.image_seq_length, 10_000).input_ids,
-                 "pixel_values": p} for q, t, p in zip(question, texts, pixels)]
-        device = next(self.reward_model.parameters()).device
-        batch = {k: v.to(device) for k, v in pad_rows(rows, tokenizer.pad_token_id).items()}
-        scores = self.reward_model(**batch).float().cpu().tolist()
+    def __call__(self, prompts, completions, record_id, image_path, question, answers, caption, log_metric=None,
+                 **kwargs) -> list[float]:
+        texts = [(c[-1]["content"] if isinstance(c, list) else c).strip() for c in completions]
+        references = [{"id": i, "image": p, "question": q, "answers": a, "caption": c}
+                      for i, p, q, a, c in zip(record_id, image_path, question, answers, caption)]
+        scores = self.reward(inputs_from_references(references, texts)).tolist()
         if log_metric is not None:  # the reward-hacking alarm: the official metric on the same rollouts
             log_metric("rollout_vqa_accuracy", 100 * sum(vqa_accuracy(t, a) for t, a in zip(texts, answers)) / len(texts))
         return scores
 
 
+def positions_from_the_mask(model) -> None:
+    """Makes the language model number each row's tokens from its first unmasked token.
+
+    trl 1.12's GRPO / RLOO log-prob forward (`_get_per_token_logps_and_entropies`) passes no
+    position_ids, and GPT-2 then numbers every column 0, 1, 2, ...: a left-padded prompt's
+    tokens sit at positions shifted by its padding, unlike in generation (which derives
+    positions from the mask) and unlike the same prompt unpadded. The old, new and reference
+    log-probs of padded rows were those of inputs the policy never sampled from, and the
+    KL estimate of a row grew with its padding (the spikes of 20-887 seen with GPT-2). The
+    hook fills in mask-derived positions where none are given (generation gives its own)."""
+    from rewards.reward_model import position_ids_from_mask
+    from vlm.features import llava_of
+
+    def with_positions(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and mask is not None and mask.dim() == 2:
+            tokens = kwargs.get("inputs_embeds") if kwargs.get("inputs_embeds") is not None else kwargs.get("input_ids")
+            width = tokens.shape[1] if tokens is not None else mask.shape[1]
+            kwargs["position_ids"] = position_ids_from_mask(mask)[:, -width:]
+        return args, kwargs
+
+    # on the language model itself: PEFT calls the Llava model's forward() directly, past its hooks
+    llava_of(model).model.language_model.register_forward_pre_hook(with_positions, with_kwargs=True)
+
+
 def prompt_dataset(config: RunConfig):
     from datasets import Dataset
 
-    records = [r for r in load_split(config.data_dir, "vqa", config.data.train_split) if check_vqa_record(r) is None]
+    records = [r for r in load_split(config.data_dir, "vqa", config.ppo_prompt_split) if check_vqa_record(r) is None]
     if config.ppo.max_prompts:
         records = records[:config.ppo.max_prompts]
-    return Dataset.from_list([{
-        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"].strip()}]}],
-        "image": load_rgb(config.data_dir / r["image"]), "question": r["question"], "answers": list(r["answers"]),
-    } for r in records])
+    captions = captions_by_image(config.data_dir)
+    rows = []
+    for r in records:
+        ref = reference_of(r, captions)
+        rows.append({
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"].strip()}]}],
+            "image": load_rgb(config.data_dir / r["image"]), "record_id": ref["id"], "image_path": ref["image"],
+            "question": ref["question"], "answers": ref["answers"], "caption": ref["caption"] or "",
+        })
+    return Dataset.from_list(rows)
 
 
-def train(config: RunConfig) -> dict:
+def train(config: RunConfig, work_dir: Path | None = None) -> dict:
     ppo = config.ppo
-    work_dir = config.run_dir / "ppo"
+    work_dir = Path(work_dir or config.run_dir / "ppo")
     work_dir.mkdir(parents=True, exist_ok=True)
     policy_dir = config.ppo_policy
-    reward_dir = config.ppo_reward_model
     policy, processor = load_model(policy_dir)
     processor.tokenizer.padding_side = "left"  # trl pads prompts on the left for generation
-    reward_model = RewardModel.from_pretrained(reward_dir, dtype=torch.float32)
-    for param in reward_model.parameters():
-        param.requires_grad_(False)
+    pixels = ImageCache(processor.image_processor, config.data_dir)  # trl's trainers read pixels
+    try:
+        reward = build_reward(config, RewardContext(processor, lambda model: pixels, config.data_dir))
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if ppo.algo == "grpo":
         from trl import GRPOConfig as AlgoConfig, GRPOTrainer as AlgoTrainer
     else:
@@ -96,9 +120,13 @@ def train(config: RunConfig) -> dict:
         peft_config = LoraConfig(r=ppo.lora.r, lora_alpha=ppo.lora.alpha, lora_dropout=ppo.lora.dropout,
                                  target_modules=r".*language_model.*\.(" + "|".join(ppo.lora.target_modules) + r")$",
                                  fan_in_fan_out=True, task_type="CAUSAL_LM")
-    trainer = AlgoTrainer(model=policy, reward_funcs=[ImageRewardFunction(reward_model, processor, config)],
+    trainer = AlgoTrainer(model=policy, reward_funcs=[RewardFunction(reward)],
                           args=AlgoConfig(**common), train_dataset=prompt_dataset(config), processing_class=processor,
                           peft_config=peft_config)
+    reward.to(trainer.accelerator.device)
+    for model in (trainer.accelerator.unwrap_model(trainer.model), trainer.ref_model):
+        if model is not None:
+            positions_from_the_mask(model)
     from vlm.train import last_complete_checkpoint
 
     resume_from = last_complete_checkpoint(work_dir / "checkpoints") if ppo.resume else None
@@ -119,7 +147,7 @@ def train(config: RunConfig) -> dict:
         save_final(trainer.accelerator.unwrap_model(trainer.model), processor, work_dir / "final", to_dict(config))
         metrics = {"algo": ppo.algo, "updates": trainer.state.global_step,
                    "world_size": trainer.accelerator.num_processes, "seconds": round(seconds, 2),
-                   "policy": str(policy_dir), "reward_model": str(reward_dir),
+                   "policy": str(policy_dir), "reward": ppo.reward, "prompt_split": config.ppo_prompt_split,
                    "mean_reward": round(sum(e["reward"] for e in tail) / len(tail), 4),
                    "kl": round(sum(e.get("kl", 0.0) for e in tail) / len(tail), 4),
                    "checkpoint": str(work_dir / "final")}

@@ -38,7 +38,7 @@ SMOKE_OVERRIDES = [
     "ppo.steps=2", "ppo.batch_size=4", "ppo.mini_batches=2", "ppo.save_steps=1", "ppo.eval_steps=2",
     "ppo.eval_samples=8", "ppo.max_prompts=32",
 ]
-SMOKE_SYNTHETIC = {"train_images": 40, "val_images": 8, "test_images": 8}
+SMOKE_SYNTHETIC = {"train_images": 40, "val_images": 8, "test_images": 8, "rl_images": 8}
 
 
 def stage_command(config: RunConfig, stage: str, config_path: str, overrides: list[str]) -> list[str]:

@@ -1,12 +1,15 @@
-"""RLHF: PPO of the SFT policy against the multimodal reward model, with the image in every forward.
+"""RLHF: PPO of the SFT policy against a reward (ppo.reward), with the image in every forward.
 
     vqa-rlhf ppo configs/default.yaml [key=value ...]
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m stages.ppo configs/default.yaml   # 2 CPU ranks
     accelerate launch --config_file configs/accelerate/zero2.yaml -m stages.ppo configs/default.yaml
 
 setup: policy = <run>/sft/final (full or LoRA: then the reference is the policy with the
-       adapter disabled, else a frozen copy); reward model = <run>/rm/final; value model =
-       a copy of the reward model; queries = train-split VQA prompts with their images
+       adapter disabled, else a frozen copy); reward = ppo.reward (rewards/base.py: the
+       learned reward model <run>/rm/final, the fact-augmented one, official VQA accuracy,
+       MiniLM similarity, or a weighted mix); value model = a copy of the reward's learned
+       model, else the policy's backbone with a fresh head; queries = the VQA prompts of
+       data.rl_split (images SFT never trained on) with their images and record data
        (with data.feature_cache and ppo.freeze_vision: cached CLIP features for every model
        whose tower made the cache, pixels for one whose tower differs, e.g. a reward model
        trained with its vision unfrozen)
@@ -15,10 +18,12 @@ train: trl 1.12 `trl.experimental.ppo.PPOTrainer`, subclassed (VisionPPOTrainer)
        and reward forwards and every PPO minibatch step; checkpoints every ppo.save_steps,
        resume after a kill; held-out VQA accuracy every ppo.eval_steps
 log:   <run>/ppo/log.jsonl every update: mean reward, KL, response length, entropy, and the
-       rollouts' official VQA accuracy with its agreement with the reward model (a rise in
-       reward with a fall in VQA accuracy is reward hacking)
-save:  <run>/ppo/final (stock-loadable Llava), <run>/ppo/value_model, <run>/ppo/metrics.json
-       with greedy test-split VQA accuracy before (the SFT policy) and after
+       rollouts' official VQA accuracy with its agreement with the reward; the reward-hacking
+       alarm (reward up, agreement down) stops the run (ppo.stop_on_hacking)
+save:  <run>/ppo/final (stock-loadable Llava: the last policy, or the best held-out one when
+       the alarm stopped the run or the last is worse on held-out than the start),
+       <run>/ppo/value_model, <run>/ppo/metrics.json with greedy test-split VQA accuracy
+       before (the SFT policy) and after, compared per question (paired bootstrap CI)
 
 With N processes the N ranks share each update's rollouts (ppo.batch_size per rank), so
 ppo.steps updates of one process become ppo.steps / N updates of N times the rollouts.
@@ -44,12 +49,14 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import selective_log_softmax
 
 from vlm.config import RunConfig, to_dict
-from vlm.data import ImageCache, check_vqa_record, load_split, prompt_ids, vqa_prompt
+from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split, prompt_ids, reference_of, vqa_prompt
 from vlm.features import FeatureCacheMismatch, FeatureStore, image_inputs, image_source, model_signature
 from vlm.generate import answer_questions
 from vlm.model import load_model
 from vlm.train import apply_lora, save_final, set_trainable
 from vlm.vqa_metric import score_records, vqa_accuracy
+from rewards.base import Reward, RewardContext, build_reward, inputs_from_references
+from rewards.model_reward import ModelReward
 from rewards.reward_model import RewardModel, position_ids_from_mask
 from stages.common import config_from_args, run_stage, stage_parser, write_json
 
@@ -57,18 +64,21 @@ from stages.common import config_from_args, run_stage, stage_parser, write_json
 # ---------------------------------------------------------------- queries
 
 class PromptDataset(torch.utils.data.Dataset):
-    """VQA prompts (image placeholder expanded) with their image and ground truth.
+    """VQA prompts (image placeholder expanded) with their image and their record's reference
+    data (vlm.data.reference_of: id, image, question, annotator answers, caption), which the
+    reward and the reward-hacking alarm read.
 
     `image_sources` maps a batch key ("pixel_values", "image_features") to the source that
     fills it (vlm.data.ImageCache, vlm.features.FeatureStore): one per kind of image input
     the models need. Images are read when an item is, so a VQA v2-sized prompt set does not
     have to fit in memory."""
 
-    def __init__(self, records, tokenizer, image_sources: dict, template: str, image_seq_length: int):
+    def __init__(self, records, tokenizer, image_sources: dict, template: str, image_seq_length: int,
+                 captions: dict[str, str] | None = None):
         self.image_sources = image_sources
         self.items = [
             {"input_ids": prompt_ids(tokenizer, vqa_prompt(template, r["question"]), image_seq_length),
-             "image": r["image"], "answers": list(r["answers"])}
+             "reference": reference_of(r, captions or {})}
             for r in records
         ]
 
@@ -77,8 +87,8 @@ class PromptDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         item = self.items[index]
-        return {"input_ids": item["input_ids"], "answers": item["answers"],
-                **{key: source(item["image"]) for key, source in self.image_sources.items()}}
+        return {"input_ids": item["input_ids"], "reference": item["reference"],
+                **{key: source(item["reference"]["image"]) for key, source in self.image_sources.items()}}
 
 
 @dataclass
@@ -93,10 +103,10 @@ class PromptCollator:
         for row, item in enumerate(items):
             input_ids[row, width - len(item["input_ids"]):] = torch.tensor(item["input_ids"])
             attention_mask[row, width - len(item["input_ids"]):] = 1
-        image_keys = [key for key in items[0] if key not in ("input_ids", "answers")]
+        image_keys = [key for key in items[0] if key not in ("input_ids", "reference")]
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "images": {key: torch.stack([item[key] for item in items]) for key in image_keys},
-                "answers": [item["answers"] for item in items]}
+                "references": [item["reference"] for item in items]}
 
 
 def response_mask(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -133,10 +143,14 @@ class VisionPPOTrainer(PPOTrainer):
     from `ids != pad_token_id`. Here the loop is the same algorithm (rollout -> KL-shaped
     rewards -> GAE -> clipped policy and value losses over minibatches, the same config
     fields and the same metric names), with these differences:
-      * the image goes into generation, the policy / reference / value / reward forwards
-        and the minibatch update (through VisionPolicyAndValue, so DDP and DeepSpeed see
-        one module): as pixels, or as cached CLIP features for the models named by
-        `policy_input` (policy and reference) and `critic_input` (value and reward);
+      * the image goes into generation, the policy / reference / value forwards and the
+        minibatch update (through VisionPolicyAndValue, so DDP and DeepSpeed see one
+        module): as pixels, or as cached CLIP features for the models named by
+        `policy_input` (policy and reference) and `critic_input` (value);
+      * the reward is a rewards.base.Reward (upstream's `reward_model` slot): it gets the
+        decoded answers with their prompts' record data (image, question, reference
+        answers, caption), so a learned reward model, the official VQA accuracy or a mix
+        of rewards all plug in the same way;
       * attention masks come from the collator (left padding) and from the first EOS of
         each response, never from the pad id: GPT-2's pad is its EOS, and the EOS that ends
         an answer is part of the action and is what the reward model reads;
@@ -160,6 +174,7 @@ class VisionPPOTrainer(PPOTrainer):
         self.max_grad_norm = max_grad_norm
         self.on_update = on_update  # (trainer, update, rollout, metrics) -> None; may add to metrics
         self.start_update = 0
+        self.stop_requested = False  # set by on_update (the reward-hacking guard): the loop ends there
 
     # -- forwards, all with the image
 
@@ -210,15 +225,15 @@ class VisionPPOTrainer(PPOTrainer):
         critic_images = images[self.critic_input]
         values = wrapper.value_model.token_values(
             seq, mask, **image_inputs(wrapper.value_model, critic_images, self.critic_input))[:, context_length - 1:-1]
-        # read at each row's last real token
-        scores = self.reward_model(seq, mask, **image_inputs(self.reward_model, critic_images, self.critic_input))
+        texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
+        scores = self.reward_model(inputs_from_references(batch["references"], texts)).to(device)
         has_eos = ((responses == tokenizer.eos_token_id) & mask_r.bool()).any(1)
         if args.missing_eos_penalty is not None:
             scores = scores - args.missing_eos_penalty * (~has_eos).float()
         return {"queries": queries, "seq": seq, "mask": mask, "images": images,
                 "responses": responses, "response_mask": mask_r, "logprobs": logprobs,
                 "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
-                "context_length": context_length, "answers": batch["answers"]}
+                "context_length": context_length, "texts": texts, "references": batch["references"]}
 
     def advantages(self, r: dict):
         """Per-token rewards (KL penalty + the score on the last token), GAE advantages and returns."""
@@ -337,42 +352,40 @@ class VisionPPOTrainer(PPOTrainer):
                 self.on_update(self, update + 1, rollout, metrics)
             self.log({k: v for k, v in metrics.items() if k != "step"})
             self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+            if self.stop_requested:
+                break
         self.control = self.callback_handler.on_train_end(args, self.state, self.control)
 
 
 # ---------------------------------------------------------------- the stage
 
 class PPORun:
-    """Wires the stage: paths, models, logging, evaluation, checkpoints."""
+    """Wires the stage: paths, models, the reward, logging, evaluation, checkpoints, the guard."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, work_dir: Path | None = None):
         self.config = config
-        self.work_dir = config.run_dir / "ppo"
+        self.work_dir = Path(work_dir or config.run_dir / "ppo")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.policy_dir = config.ppo_policy
-        self.reward_dir = config.ppo_reward_model
         self.log_path = self.work_dir / "log.jsonl"
         self.checkpoints = self.work_dir / "checkpoints"
-        self.reward_threshold = self._reward_threshold()
-
-    def _reward_threshold(self) -> float:
-        """The RM's cut between correct and incorrect (fitted on its training labels), for the alarm."""
-        for path in (self.reward_dir.parent / "metrics.json", self.reward_dir / "metrics.json"):
-            if path.is_file():
-                return float(json.loads(path.read_text()).get("threshold", 0.0))
-        return 0.0
+        self.best_dir = self.work_dir / "best"  # the best held-out policy so far (the guard keeps it)
 
     def build(self):
         cfg, ppo = self.config, self.config.ppo
-        for path, what in ((self.policy_dir, "policy (ppo.policy)"), (self.reward_dir, "reward model (ppo.reward_model)")):
-            if not (path / "config.json").is_file():
-                raise SystemExit(f"error: no {what} at {path}: run the earlier stages first")
+        if not (self.policy_dir / "config.json").is_file():
+            raise SystemExit(f"error: no policy (ppo.policy) at {self.policy_dir}: run the earlier stages first")
         policy, processor = load_model(self.policy_dir)
         tokenizer = processor.tokenizer
-        reward_model = RewardModel.from_pretrained(self.reward_dir, dtype=torch.float32).eval()
-        value_model = copy.deepcopy(reward_model).train()  # the critic starts as the reward model
-        for param in reward_model.parameters():
-            param.requires_grad_(False)
+        self.processor = processor
+        self.images = image_source(cfg.data.feature_cache, cfg.data_dir, processor, policy, ppo.freeze_vision,
+                                   "the PPO policy")  # policy and reference; held-out evaluation
+        self._pixels = None
+        try:
+            self.reward = build_reward(cfg, RewardContext(processor, self._critic_images, cfg.data_dir))
+        except FileNotFoundError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        value_model = self._value_model_start().train()
         set_trainable(policy, _trainable_parts(ppo))
         set_trainable(value_model, _trainable_parts(ppo))
         for model in (policy, value_model):
@@ -388,16 +401,18 @@ class PPORun:
             ref_model = copy.deepcopy(policy).eval()
             for param in ref_model.parameters():
                 param.requires_grad_(False)
-        self.processor = processor
-        self.images = image_source(cfg.data.feature_cache, cfg.data_dir, processor, policy, ppo.freeze_vision,
-                                   "the PPO policy")  # policy and reference; held-out evaluation
-        critic_images = self._critic_images(reward_model)
+        critic_images = self._critic_images(value_model)
         image_sources = {source.input_name: source for source in (self.images, critic_images)}
-        train_records = [r for r in load_split(cfg.data_dir, "vqa", cfg.data.train_split) if check_vqa_record(r) is None]
+        split = cfg.ppo_prompt_split
+        prompt_records = [r for r in load_split(cfg.data_dir, "vqa", split) if check_vqa_record(r) is None]
         if ppo.max_prompts:
-            train_records = train_records[:ppo.max_prompts]
-        dataset = PromptDataset(train_records, tokenizer, image_sources, cfg.data.prompt_template,
-                                policy.config.image_seq_length)
+            prompt_records = prompt_records[:ppo.max_prompts]
+        if split == cfg.data.train_split:
+            print(f"ppo: WARNING: RL prompts come from {split}, the split SFT trained on: even a perfect reward "
+                  f"then teaches remembered answers (set data.rl_split / ppo.prompt_split to unseen images)",
+                  flush=True)
+        dataset = PromptDataset(prompt_records, tokenizer, image_sources, cfg.data.prompt_template,
+                                policy.config.image_seq_length, captions_by_image(cfg.data_dir))
         val = load_split(cfg.data_dir, "vqa", cfg.data.val_split)
         self.val_records = [val[i] for i in range(min(ppo.eval_samples, len(val)))]
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -419,7 +434,7 @@ class PPORun:
             # then runs each rank alone (silently) unless told to use the CPU: ranks share over gloo.
             os.environ["ACCELERATE_USE_CPU"] = "true"
         self.trainer = VisionPPOTrainer(
-            args=args, processing_class=tokenizer, model=policy, ref_model=ref_model, reward_model=reward_model,
+            args=args, processing_class=tokenizer, model=policy, ref_model=ref_model, reward_model=self.reward,
             value_model=value_model, train_dataset=dataset, eval_dataset=dataset,
             data_collator=PromptCollator(tokenizer.pad_token_id), image_token_id=policy.config.image_token_index,
             max_grad_norm=ppo.max_grad_norm, on_update=self.on_update,
@@ -427,44 +442,112 @@ class PPORun:
         )
         return self.trainer
 
-    def _critic_images(self, reward_model):
-        """The value and reward models' image source: the policy's feature cache when their tower
-        (which PPO keeps frozen) made it too, else pixels. Their tower is the reward model's, which
-        may differ from the policy's (rm.freeze_vision=false): a reason for pixels, not an error."""
+    def _value_model_start(self) -> RewardModel:
+        """The critic starts as the reward's learned model when it has one (its head already reads
+        answers), else as the policy's backbone with a fresh head (ppo.reward=vqa_accuracy)."""
+        parts = self.reward.parts.values() if hasattr(self.reward, "parts") else [self.reward]
+        learned = next((part for part in parts if isinstance(part, ModelReward)), None)
+        if learned is not None:
+            return copy.deepcopy(learned.model)
+        torch.manual_seed(self.config.seed)
+        return RewardModel.from_sft(self.policy_dir)
+
+    def _critic_images(self, model):
+        """The image source of a model that reads images beside the policy (the value model, a
+        reward model): the policy's feature cache when that model's tower (kept frozen) made it
+        too, else pixels. A reward model may have trained its tower (rm.freeze_vision=false): a
+        reason for pixels, not an error."""
         if not isinstance(self.images, FeatureStore):  # the policy reads pixels: so do they
             return self.images
         try:
-            self.images.check_matches(model_signature(reward_model, self.processor), "the reward model")
+            self.images.check_matches(model_signature(model, self.processor), "the reward model")
             return self.images
         except FeatureCacheMismatch as mismatch:
-            print(f"note: the reward and value models read pixels: data.feature_cache was made by another "
-                  f"vision tower ({mismatch.details})", flush=True)
-        return ImageCache(self.processor.image_processor, self.config.data_dir)
+            if self._pixels is None:
+                print(f"note: the reward and value models read pixels: data.feature_cache was made by another "
+                      f"vision tower ({mismatch.details})", flush=True)
+        if self._pixels is None:  # one pixel cache for every model that needs pixels
+            self._pixels = ImageCache(self.processor.image_processor, self.config.data_dir)
+        return self._pixels
 
-    # -- per update: the reward-hacking alarm, held-out accuracy, checkpoints
+    # -- per update: the reward-hacking alarm and guard, held-out accuracy, checkpoints
 
     def on_update(self, trainer, update: int, rollout: dict, metrics: dict) -> None:
         ppo = self.config.ppo
-        tokenizer = self.processor.tokenizer
-        answers = [a.strip() for a in tokenizer.batch_decode(rollout["responses"], skip_special_tokens=True)]
-        accuracy = torch.tensor([vqa_accuracy(a, gt) for a, gt in zip(answers, rollout["answers"])])
-        rm_says = (rollout["scores"].cpu() > self.reward_threshold)
-        agree = (rm_says == (accuracy >= 0.6)).float()
+        references = rollout["references"]
+        accuracy = torch.tensor([vqa_accuracy(a, ref["answers"]) for a, ref in zip(rollout["texts"], references)])
+        reward_says = (rollout["scores"].cpu() > self.reward.threshold)
+        agree = (reward_says == (accuracy >= self.config.autolabel.min_accuracy)).float()
         gather = lambda t: trainer.accelerator.gather_for_metrics(t.to(trainer.accelerator.device)).float().mean().item()
         metrics["rollout_vqa_accuracy"] = 100 * gather(accuracy)
         metrics["rm_vqa_agreement"] = 100 * gather(agree)
-        if ppo.eval_steps and (update % ppo.eval_steps == 0 or update == trainer.args.num_total_batches):
+        last = update == trainer.args.num_total_batches
+        if trainer.accelerator.is_main_process:
+            entries = self.read_log() + [metrics]
+            alarm = hacking_alarm(entries, ppo.hacking_window, ppo.hacking_drop)
+        else:
+            alarm = False
+        alarm = bool(trainer.accelerator.reduce(torch.tensor([float(alarm)], device=trainer.accelerator.device),
+                                                reduction="sum").item())
+        if alarm:
+            metrics["hacking_alarm"] = True
+            trainer.stop_requested = ppo.stop_on_hacking
+        stopping = last or trainer.stop_requested
+        if ppo.eval_steps and (update % ppo.eval_steps == 0 or stopping):
             metrics["val_vqa_accuracy"] = self.held_out_accuracy(trainer)
+            self.keep_if_best(trainer, update, metrics["val_vqa_accuracy"])
         if trainer.accelerator.is_main_process:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}) + "\n")
             if "val_vqa_accuracy" in metrics:
                 print(f"ppo {update}/{trainer.args.num_total_batches}: held-out VQA accuracy "
                       f"{metrics['val_vqa_accuracy']:.2f}, reward {metrics['mean_reward']:.3f}, KL {metrics['kl']:.3f}, "
-                      f"rollout VQA accuracy {metrics['rollout_vqa_accuracy']:.1f}, RM agreement "
-                      f"{metrics['rm_vqa_agreement']:.1f}%", flush=True)
-        if ppo.save_steps and update % ppo.save_steps == 0 and update < trainer.args.num_total_batches:
+                      f"rollout VQA accuracy {metrics['rollout_vqa_accuracy']:.1f}, agreement of the reward with "
+                      f"the ground truth {metrics['rm_vqa_agreement']:.1f}%", flush=True)
+            if alarm:
+                print(f"ppo {update}: REWARD-HACKING ALARM: over the last {ppo.hacking_window} updates the reward "
+                      f"rose while its agreement with the ground truth fell by {ppo.hacking_drop}+ points"
+                      + ("; stopping (ppo.stop_on_hacking)" if ppo.stop_on_hacking else ""), flush=True)
+        if ppo.save_steps and update % ppo.save_steps == 0 and not stopping:
             self.save_checkpoint(trainer, update)
+
+    def read_log(self) -> list[dict]:
+        if not self.log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def keep_if_best(self, trainer, update: int, accuracy: float) -> None:
+        """Saves the policy's weights when its held-out accuracy beats every earlier one (ties keep
+        the earlier: the less optimised policy). Update 0 is the starting policy."""
+        accelerator = trainer.accelerator
+        best = self.best()
+        if best is not None and accuracy <= best["val_vqa_accuracy"]:
+            return
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            tmp = self.best_dir.with_name(self.best_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            policy = accelerator.unwrap_model(trainer.model).policy
+            save_file({k: v.detach().contiguous().cpu() for k, v in policy.state_dict().items()},
+                      str(tmp / "policy.safetensors"))
+            (tmp / "best.json").write_text(json.dumps({"update": update, "val_vqa_accuracy": accuracy}))
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            os.replace(tmp, self.best_dir)
+        accelerator.wait_for_everyone()
+
+    def best(self) -> dict | None:
+        path = self.best_dir / "best.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def restore_best(self, trainer) -> dict:
+        from safetensors.torch import load_file
+
+        policy = trainer.accelerator.unwrap_model(trainer.model).policy
+        policy.load_state_dict(load_file(str(self.best_dir / "policy.safetensors")))
+        return self.best()
 
     def held_out_accuracy(self, trainer) -> float:
         """Greedy, official metric, on a slice of the val split (rank 0 answers; others wait)."""
@@ -531,6 +614,8 @@ class PPORun:
                 if self.log_path.is_file() else []
             # a fresh start drops an old curve; a resumed run keeps what led up to its checkpoint
             self.log_path.write_text("".join(json.dumps(e) + "\n" for e in entries if update and e["step"] <= update))
+            if not update:  # a fresh start: an earlier run's best policy is not a candidate
+                shutil.rmtree(self.best_dir, ignore_errors=True)
         trainer.start_update = update
         return update
 
@@ -546,16 +631,30 @@ def _trainable_parts(ppo):
     return TrainConfig(freeze_vision=ppo.freeze_vision, lora=ppo.lora, lr=ppo.lr)
 
 
-def train(config: RunConfig) -> dict:
+def hacking_alarm(log: list[dict], window: int, drop: float) -> bool:
+    """Reward hacking, read off the update log: over the last `window` updates the mean reward is
+    above the first `window` updates' while the reward's agreement with the ground truth (official
+    VQA accuracy of the same rollouts) is at least `drop` points below theirs."""
+    entries = [e for e in log if "mean_reward" in e and "rm_vqa_agreement" in e]
+    if window < 1 or len(entries) < 2 * window:
+        return False
+    mean = lambda rows, key: sum(e[key] for e in rows) / len(rows)
+    first, recent = entries[:window], entries[-window:]
+    return (mean(recent, "mean_reward") > mean(first, "mean_reward")
+            and mean(first, "rm_vqa_agreement") - mean(recent, "rm_vqa_agreement") >= drop)
+
+
+def train(config: RunConfig, work_dir: Path | None = None) -> dict:
     if config.ppo.algo in ("grpo", "rloo"):  # critic-free, trl's own VLM support + an image-aware reward function
         from stages.group_rl import train as train_group_relative
 
-        return train_group_relative(config)
+        return train_group_relative(config, work_dir)
     set_seed(config.seed)
-    run = PPORun(config)
+    run = PPORun(config, work_dir)
     trainer = run.build()
     if run.resume(trainer) == 0 and config.ppo.eval_steps:  # the starting point of the held-out curve
         accuracy = run.held_out_accuracy(trainer)
+        run.keep_if_best(trainer, 0, accuracy)
         if trainer.accelerator.is_main_process:
             with open(run.log_path, "a") as f:
                 f.write(json.dumps({"step": 0, "val_vqa_accuracy": accuracy}) + "\n")
@@ -564,38 +663,87 @@ def train(config: RunConfig) -> dict:
     seconds = time.perf_counter() - started
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
+    kept = keep_or_restore(run, trainer)
     metrics: dict = {}
     if accelerator.is_main_process:
         wrapper = accelerator.unwrap_model(trainer.model)
         save_final(wrapper.policy, run.processor, run.work_dir / "final", to_dict(config))
         wrapper.value_model.save_pretrained(str(run.work_dir / "value_model"), safe_serialization=True)
-        log = [e for e in map(json.loads, filter(str.strip, run.log_path.read_text().splitlines())) if e["step"]]
+        log = [e for e in run.read_log() if e["step"]]
         tail = log[-max(1, len(log) // 10):]  # the last tenth of the updates: where training ended up
         metrics = {
-            "algo": "ppo", "updates": trainer.state.global_step, "world_size": accelerator.num_processes,
-            "seconds": round(seconds, 2), "policy": str(run.policy_dir), "reward_model": str(run.reward_dir),
+            "algo": "ppo", "reward": config.ppo.reward, "prompt_split": config.ppo_prompt_split,
+            "updates": trainer.state.global_step, "planned_updates": trainer.args.num_total_batches,
+            "world_size": accelerator.num_processes, "seconds": round(seconds, 2), "policy": str(run.policy_dir),
             "mean_reward": round(sum(e["mean_reward"] for e in tail) / len(tail), 4),
             "kl": round(sum(e["kl"] for e in tail) / len(tail), 4),
+            "hacking_alarm_at": next((e["step"] for e in log if e.get("hacking_alarm")), None),
+            "stopped_early": trainer.stop_requested, **kept,
             "checkpoint": str(run.work_dir / "final"),
         }
         write_json(run.work_dir / "metrics.json", metrics)
     return metrics
 
 
-def evaluate_before_after(config: RunConfig, metrics: dict) -> dict:
-    """Greedy test-split VQA accuracy of the starting policy and of the PPO policy (official metric)."""
-    from stages.evaluate import evaluate
+def keep_or_restore(run: PPORun, trainer) -> dict:
+    """Which policy the stage saves: the last one, unless the reward-hacking alarm stopped the run
+    or the last held-out accuracy is below the start's; then the best held-out one (which may be
+    the starting policy), said loudly. Without held-out evaluation (ppo.eval_steps=0) there is
+    nothing to compare, and the last policy is kept with a note."""
+    log = run.read_log()
+    held_out = [(e["step"], e["val_vqa_accuracy"]) for e in log if "val_vqa_accuracy" in e]
+    if not held_out or run.best() is None:
+        print("ppo: note: no held-out evaluation (ppo.eval_steps=0): the last policy is kept unchecked", flush=True)
+        return {"kept_update": trainer.state.global_step, "kept_because": "last (no held-out evaluation)"}
+    start, last = held_out[0][1], held_out[-1][1]
+    if trainer.stop_requested:
+        reason = f"the reward-hacking alarm stopped the run at update {trainer.state.global_step}"
+    elif last < start:
+        reason = f"the last policy's held-out accuracy {last:.2f} is below the start's {start:.2f}"
+    else:
+        return {"kept_update": trainer.state.global_step, "kept_because": "last",
+                "val_vqa_accuracy_start": start, "val_vqa_accuracy_kept": last}
+    best = run.restore_best(trainer)
+    if trainer.accelerator.is_main_process:
+        print(f"ppo: WARNING: {reason}; saving the best held-out policy instead, from update {best['update']} "
+              f"(held-out VQA accuracy {best['val_vqa_accuracy']:.2f}; "
+              f"{'the starting policy, unchanged' if best['update'] == 0 else 'a PPO checkpoint'})", flush=True)
+    return {"kept_update": best["update"], "kept_because": f"best held-out: {reason}",
+            "val_vqa_accuracy_start": start, "val_vqa_accuracy_kept": best["val_vqa_accuracy"]}
 
+
+def evaluate_before_after(config: RunConfig, metrics: dict, work_dir: Path | None = None, tag: str = "ppo") -> dict:
+    """Greedy test-split VQA accuracy of the starting policy and of the PPO policy (official metric),
+    compared question by question: paired bootstrap 95% CI of the change, better / worse question
+    counts, per question family, and the share of the start's error removed."""
+    from stages.evaluate import compare_evaluations, evaluate
+
+    work_dir = Path(work_dir or config.run_dir / "ppo")
     policy_dir = config.ppo_policy
     before_path = config.run_dir / "eval" / "sft" / "metrics.json"
-    if not config.ppo.policy and before_path.is_file() and json.loads(before_path.read_text())["split"] == config.eval.split:
-        before = json.loads(before_path.read_text())
+    if (not config.ppo.policy and before_path.is_file()
+            and json.loads(before_path.read_text())["split"] == config.eval.split
+            and (before_path.parent / "predictions.jsonl").is_file()):
+        before, before_dir = json.loads(before_path.read_text()), before_path.parent
     else:
-        before = evaluate(config, policy_dir, "ppo-before")
-    after = evaluate(config, config.run_dir / "ppo" / "final", "ppo")
+        before, before_dir = evaluate(config, policy_dir, "ppo-before"), config.run_dir / "eval" / "ppo-before"
+    after = evaluate(config, work_dir / "final", tag)
     metrics.update({"vqa_accuracy_before": before["vqa_accuracy"], "vqa_accuracy_after": after["vqa_accuracy"],
-                    "eval_split": after["split"], "eval_count": after["count"]})
-    write_json(config.run_dir / "ppo" / "metrics.json", metrics)
+                    "eval_split": after["split"], "eval_count": after["count"],
+                    **compare_evaluations(before_dir, config.run_dir / "eval" / tag, seed=config.seed)})
+    write_json(work_dir / "metrics.json", metrics)
+    return metrics
+
+
+def oracle_control(config: RunConfig) -> dict:
+    """The same PPO budget with the verifiable reward (official VQA accuracy), into <run>/ppo-oracle:
+    how far a reward that knows the answer gets the same policy, prompts and updates."""
+    oracle = copy.deepcopy(config)
+    oracle.ppo.reward, oracle.ppo.reward_weights = "vqa_accuracy", {}
+    work_dir = config.run_dir / "ppo-oracle"
+    metrics = train(oracle, work_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        metrics = evaluate_before_after(oracle, metrics, work_dir, "ppo-oracle")
     return metrics
 
 
@@ -609,10 +757,29 @@ def main(argv=None) -> int:
     metrics = train(config)
     if int(os.environ.get("RANK", "0")) == 0:
         metrics = evaluate_before_after(config, metrics)
-        print(f"ppo: {metrics['updates']} updates in {metrics['seconds']:.0f} s; test VQA accuracy "
-              f"{metrics['vqa_accuracy_before']:.2f} -> {metrics['vqa_accuracy_after']:.2f}; "
-              f"reward {metrics['mean_reward']:.3f}, KL {metrics['kl']:.3f}")
+    if config.ppo.oracle_control and config.ppo.reward != "vqa_accuracy":
+        oracle = oracle_control(config)
+        if int(os.environ.get("RANK", "0")) == 0:
+            metrics["oracle_control"] = {key: oracle[key] for key in (
+                "vqa_accuracy_after", "error_removed", "ci95", "updates", "seconds")}
+            write_json(config.run_dir / "ppo" / "metrics.json", metrics)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary(metrics))
     return 0
+
+
+def summary(metrics: dict) -> str:
+    low, high = metrics["ci95"]
+    lines = [f"ppo ({metrics['reward']}): {metrics['updates']} updates in {metrics['seconds']:.0f} s; test VQA accuracy "
+             f"{metrics['vqa_accuracy_before']:.2f} -> {metrics['vqa_accuracy_after']:.2f} "
+             f"(95% CI of the change {low:+.2f}..{high:+.2f} points; {metrics['error_removed']:.1f}% of the error "
+             f"removed; {metrics['better']} questions better, {metrics['worse']} worse); "
+             f"reward {metrics['mean_reward']:.3f}, KL {metrics['kl']:.3f}"]
+    if metrics.get("oracle_control"):
+        oracle = metrics["oracle_control"]
+        lines.append(f"  oracle control (reward = official VQA accuracy, same budget): -> {oracle['vqa_accuracy_after']:.2f}, "
+                     f"{oracle['error_removed']:.1f}% of the error removed")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

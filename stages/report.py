@@ -65,12 +65,19 @@ def build_report(run_dir: Path) -> dict:
             "baselines": {name: {k: rm["baselines"][name][k] for k in ("accuracy", "auc", "by_group")}
                           for name in ("similarity", "exact_match") if name in rm["baselines"]},
             "similarity_failures": rm["baselines"].get("similarity", {}).get("failures", []),
+            # does the reward know more than the policy (rewards/diagnostics.py)
+            **{key: rm.get(key) for key in ("ranking_accuracy", "best_of_n", "train_fit", "label_noise")},
         }
+    fact = _read(run_dir / "rm-fact" / "metrics.json")  # rm.facts=true: the fact-augmented reward model
+    if fact:
+        report["stages"].setdefault("rm", {})["fact_model"] = {
+            key: fact.get(key) for key in ("accuracy", "auc", "count", "ranking_accuracy", "best_of_n", "seconds")}
     ppo = _read(run_dir / "ppo" / "metrics.json")
     if ppo:
         report["stages"]["ppo"] = {key: ppo.get(key) for key in (
-            "algo", "vqa_accuracy_before", "vqa_accuracy_after", "mean_reward", "kl", "seconds", "updates",
-            "checkpoint")}
+            "algo", "reward", "prompt_split", "vqa_accuracy_before", "vqa_accuracy_after", "error_removed", "ci95",
+            "better", "worse", "by_family", "oracle_control", "mean_reward", "kl", "seconds", "updates",
+            "hacking_alarm_at", "kept_because", "checkpoint")}
         log_path = run_dir / "ppo" / "log.jsonl"
         if log_path.is_file():
             plot_ppo([json.loads(l) for l in log_path.read_text().splitlines() if l.strip()],
@@ -116,7 +123,7 @@ def render_markdown(report: dict) -> str:
                   f"| chance | {chance.get('recall@1', '-')} | {chance.get('recall@5', '-')} | "
                   f"{chance.get('recall@10', '-')} |"]
     rm = report["stages"].get("rm")
-    if rm:
+    if rm and "accuracy" in rm:
         lines += ["", f"## Reward model ({rm['objective']}, {rm['count']} held-out labels, split by image)", "",
                   "| reward | accuracy (%) | ROC AUC |", "|---|---|---|",
                   f"| reward model | {rm['accuracy']} | {rm['auc']} |"]
@@ -126,6 +133,19 @@ def render_markdown(report: dict) -> str:
             lines += ["", "| group | reward model (%) | similarity (%) | labels |", "|---|---|---|---|"]
             lines += [f"| {g} | {e['accuracy']} | {sim.get(g, {}).get('accuracy', '-')} | {e['count']} |"
                       for g, e in rm["by_group"].items()]
+        lines += ["", f"Within-question ranking (held-out answers whose official accuracy differs): "
+                      f"{rm.get('ranking_accuracy')}%; labels that disagree with the majority annotator answer: "
+                      f"{(rm.get('label_noise') or {}).get('share')}%; training labels fitted: "
+                      f"{(rm.get('train_fit') or {}).get('accuracy')}%."]
+        bon = rm.get("best_of_n")
+        if bon:
+            lines += ["", f"Best of {bon['n']} sampled answers ({bon['questions']} questions, VQA accuracy):", "",
+                      "| greedy | reward's pick | random sample | majority vote | oracle |", "|---|---|---|---|---|",
+                      f"| {bon['greedy']} | {bon['reward']} | {bon['random']} | {bon['majority']} | {bon['oracle']} |"]
+        if rm.get("fact_model"):
+            fm = rm["fact_model"]
+            lines += ["", f"Fact-augmented reward model (reads the image's captions): held-out accuracy "
+                          f"{fm['accuracy']}%, AUC {fm['auc']}, ranking {fm.get('ranking_accuracy')}%."]
         if rm["similarity_failures"]:
             lines += ["", "Wrong answers the similarity baseline accepts most confidently:", ""]
             lines += [f"- {f['question']} answer '{f['answer']}', ground truth {f['gt_answers']}: "
@@ -134,9 +154,24 @@ def render_markdown(report: dict) -> str:
     if ppo:
         lines += ["", f"## RL ({ppo['algo']})", "",
                   f"Test VQA accuracy (greedy, official metric) {ppo['vqa_accuracy_before']} before, "
-                  f"{ppo['vqa_accuracy_after']} after {ppo['updates']} updates in {ppo['seconds']} s; "
-                  f"mean reward {ppo['mean_reward']}, KL {ppo['kl']} (last tenth of the updates).", "",
-                  "![reward, KL and held-out accuracy over PPO updates](ppo/ppo.png)"]
+                  f"{ppo['vqa_accuracy_after']} after {ppo['updates']} updates in {ppo['seconds']} s "
+                  f"(reward: {ppo.get('reward')}, prompts: {ppo.get('prompt_split')}); "
+                  f"mean reward {ppo['mean_reward']}, KL {ppo['kl']} (last tenth of the updates).", ""]
+        if ppo.get("ci95"):
+            lines += [f"Change {ppo['ci95'][0]:+}..{ppo['ci95'][1]:+} points (paired bootstrap 95% CI over questions), "
+                      f"{ppo['error_removed']}% of the error removed; {ppo['better']} questions better, "
+                      f"{ppo['worse']} worse. Kept: {ppo.get('kept_because')}"
+                      + (f"; reward-hacking alarm at update {ppo['hacking_alarm_at']}" if ppo.get("hacking_alarm_at") else "")
+                      + ".", ""]
+        if ppo.get("by_family"):
+            lines += ["| family | before | after | error removed (%) | better | worse |", "|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {e['before']} | {e['after']} | {e['error_removed']} | {e['better']} | {e['worse']} |"
+                      for name, e in ppo["by_family"].items()] + [""]
+        if ppo.get("oracle_control"):
+            oracle = ppo["oracle_control"]
+            lines += [f"Oracle control (same budget, reward = official VQA accuracy): {oracle['vqa_accuracy_after']}, "
+                      f"{oracle['error_removed']}% of the error removed.", ""]
+        lines += ["![reward, KL and held-out accuracy over PPO updates](ppo/ppo.png)"]
     sft = report["stages"].get("sft", {})
     for title, key in (("By answer type", "by_answer_type"), ("By question family", "by_question_family")):
         if sft.get(key):

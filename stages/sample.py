@@ -1,7 +1,7 @@
 """Candidate answers for labeling: K sampled answers per question plus the greedy one, into the label store.
 
     vqa-rlhf sample configs/default.yaml [key=value ...]            (the pipeline stage: sample.* keys)
-    vqa-rlhf sample --model CKPT --data DIR --split train --db FILE [--k 4 --temperature 1.0 --top-p 0.95]
+    vqa-rlhf sample --model CKPT --data DIR --split rl --db FILE [--k 4 --temperature 1.0 --top-p 0.95]
 
 Flags override the config's `sample:` section (model default <run>/sft/final,
 db default <run>/labels/labels.db). Answers the VQA metric cannot tell apart
@@ -58,11 +58,12 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
                          f"(got {settings.k}, {settings.batch_size})")
     model_dir = Path(settings.model) if settings.model else config.sft_final
     db_path = config.labels_db
-    records = load_split(config.data_dir, "vqa", settings.split)
+    split = config.sample_split  # default data.rl_split: images SFT never trained on
+    records = load_split(config.data_dir, "vqa", split)
     if settings.max_questions:
         records = records.select(range(min(settings.max_questions, len(records))))
     rejects = RejectLog(db_path.parent / "sample_rejects.jsonl", config.data.on_bad_record)
-    source = f"{config.data_dir}/vqa/{settings.split}"
+    source = f"{config.data_dir}/vqa/{split}"
 
     store = LabelStore(db_path, create=True)
     checkpoint = str(model_dir.resolve())
@@ -87,7 +88,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
 
     decoding = DecodingConfig(strategy="sample", temperature=settings.temperature, top_p=settings.top_p,
                               max_new_tokens=settings.max_new_tokens)
-    provenance = {"checkpoint": checkpoint, "split": settings.split, "created": now_iso(),
+    provenance = {"checkpoint": checkpoint, "split": split, "created": now_iso(),
                   "decoding": {"k": settings.k, "greedy": True, "temperature": settings.temperature,
                                "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
                                "seed": config.seed, "prompt_template": config.data.prompt_template}}
@@ -126,7 +127,8 @@ def main(argv=None) -> int:
     parser = stage_parser("sample", __doc__)
     parser.add_argument("--model", help="checkpoint to sample from (default: <run>/sft/final)")
     parser.add_argument("--data", help="dataset dir in the project's schema (default: the config's data dir)")
-    parser.add_argument("--split", help="split to sample questions from (default: train)")
+    parser.add_argument("--split", help="split to sample questions from (default: data.rl_split, images SFT never "
+                                        "trained on)")
     parser.add_argument("--db", help="label store (default: <run>/labels/labels.db)")
     parser.add_argument("--k", type=int, help="sampled answers per question besides the greedy one")
     parser.add_argument("--temperature", type=float, help="sampling temperature")

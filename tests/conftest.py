@@ -18,7 +18,8 @@ TINY_DIMS = [
 # its feature cache are not there in tests that run one stage (tests of the whole pipeline and
 # of the vision stage use TINY_DIMS).
 TINY_MODEL = [*TINY_DIMS, "model.vision_model=null", "data.feature_cache=null"]
-TINY_DATA = ["data.synthetic.train_images=30", "data.synthetic.val_images=6", "data.synthetic.test_images=6"]
+TINY_DATA = ["data.synthetic.train_images=30", "data.synthetic.val_images=6", "data.synthetic.test_images=6",
+             "data.synthetic.rl_images=6"]
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ def tiny_data_dir(tmp_path_factory) -> Path:
     from data_prep.synthetic import SyntheticConfig, generate
 
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    generate(SyntheticConfig(train_images=30, val_images=6, test_images=6, seed=0), out, progress=False)
+    generate(SyntheticConfig(train_images=30, val_images=6, test_images=6, rl_images=6, seed=0), out, progress=False)
     return out
 
 

@@ -36,7 +36,7 @@ def test_the_cache_holds_every_dataset_image_once_with_what_the_projector_consum
         cache_dir, tiny_data_dir, tiny_model, tiny_processor):
     store = FeatureStore(cache_dir)
     images = dataset_images(tiny_data_dir)
-    assert store.meta["images"] == images and len(set(images)) == len(images) == 30 + 6 + 6
+    assert store.meta["images"] == images and len(set(images)) == len(images) == 30 + 6 + 6 + 6  # train, val, test, rl
     pixels = ImageCache(tiny_processor.image_processor, tiny_data_dir)
     image = images[7]
     expected = vision_features(tiny_model.model.vision_tower, pixels(image)[None], tiny_model.config.vision_feature_layer)
@@ -107,7 +107,7 @@ def test_an_interrupted_build_resumes_where_it_stopped_and_ends_identical(saved_
     with pytest.raises(ValueError, match="incomplete cache"):
         FeatureStore(out)
     second = build_cache(str(saved_tiny_model), tiny_data_dir, out, batch_size=16)
-    assert second["encoded_now"] == 42 - 16 and second["done"] == 42
+    assert second["encoded_now"] == 48 - 16 and second["done"] == 48  # 30 + 6 + 6 + 6 images (train, val, test, rl)
     np.testing.assert_array_equal(np.load(out / "features.npy"), np.load(cache_dir / "features.npy"))
 
 
@@ -174,7 +174,7 @@ def test_the_command_line_builds_a_cache(saved_tiny_model, tiny_data_dir, tmp_pa
     out = tmp_path / "cli-features"
     assert features_main(["--model", str(saved_tiny_model), "--data", str(tiny_data_dir), "--out", str(out),
                           "--dtype", "float16"]) == 0
-    assert "42 of 42 images" in capsys.readouterr().out
+    assert "48 of 48 images" in capsys.readouterr().out
     assert np.load(out / "features.npy", mmap_mode="r").dtype == np.float16
 
 

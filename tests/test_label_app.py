@@ -277,3 +277,30 @@ def test_sigkill_mid_burst_loses_no_acknowledged_label(db):
         stored = {r["id"] for r in store.all_labels()}
     assert set(acknowledged) <= stored
     assert len(stored) - len(acknowledged) <= 8  # at most one in flight per client went unacknowledged
+
+
+def test_pairwise_mode_round_trip(tmp_path):
+    root = tmp_path / "data"
+    with LabelStore(tmp_path / "labels.db", create=True) as store:
+        rows = make_dataset(root, 2)
+        store.add_samples(root, rows + [{**rows[0], "answer": "no"}])  # samples 1 and 3 answer question 0
+    server = Server(tmp_path / "labels.db")
+    try:
+        status, data = server.request("GET", "/api/next-pair?labeler=ann")
+        pair = json.loads(data)
+        assert status == 200 and (pair["a"], pair["b"]) == ({"sample_id": 1, "answer": "yes"},
+                                                             {"sample_id": 3, "answer": "no"})
+        assert pair["question"] == "Question 0?" and pair["progress"] == {"pairs_by_you": 0}
+        assert server.request("GET", pair["image_url"])[0] == 200
+        body = {"sample_a": 1, "sample_b": 3, "verdict": "b", "labeler": "ann"}
+        status, data = server.request("POST", "/api/comparisons", body)
+        assert status == 201 and json.loads(data)["verdict"] == "b"
+        assert server.request("GET", "/api/next-pair?labeler=ann")[0] == 204
+        assert server.request("GET", "/api/next-pair?labeler=bob")[0] == 200
+        assert server.request("POST", "/api/comparisons", {**body, "verdict": "maybe"})[0] == 400
+        assert server.request("POST", "/api/comparisons", {**body, "sample_b": 2})[0] == 400  # another question
+        assert server.request("POST", "/api/comparisons", {**body, "sample_b": 42})[0] == 404
+        assert server.request("POST", "/api/comparisons", {**body, "extra": 1})[0] == 400
+        assert [(c["sample_a"], c["sample_b"], c["verdict"]) for c in server.store.all_comparisons()] == [(1, 3, "b")]
+    finally:
+        server.close()

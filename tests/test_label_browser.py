@@ -57,3 +57,40 @@ def test_label_three_items_with_the_keyboard_and_undo_one(tmp_path, token):
         server.shutdown()
         server.server_close()
         store.close()
+
+
+def test_pairwise_mode_judges_two_answers_with_the_keyboard(tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    root = tmp_path / "data"
+    store = LabelStore(tmp_path / "labels.db", create=True)
+    rows = make_dataset(root, 2)
+    store.add_samples(root, rows + [{**rows[0], "answer": "no"}, {**rows[1], "answer": "no"}])  # pairs 1-3, 2-4
+    server = make_server(store, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/?labeler=alice&mode=pairs"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url)
+            pair = page.locator("#pair")
+            expect(pair).to_have_attribute("data-pair", "1-3")
+            expect(page.locator("#title")).to_have_text("Which answer is better?")
+            expect(page.locator("#answer-a")).to_have_text("A: yes")
+            expect(page.locator("#answer-b")).to_have_text("B: no")
+            assert page.evaluate("document.getElementById('pair-image').naturalWidth") == 8
+            page.keyboard.press("b")
+            expect(pair).to_have_attribute("data-pair", "2-4")
+            page.keyboard.press("w")
+            expect(page.locator("#done")).to_be_visible()
+            assert errors == []
+            browser.close()
+        assert [(c["sample_a"], c["sample_b"], c["verdict"], c["labeler"]) for c in store.all_comparisons()] == [
+            (1, 3, "b", "alice"), (2, 4, "both_wrong", "alice")]
+    finally:
+        server.shutdown()
+        server.server_close()
+        store.close()

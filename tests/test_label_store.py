@@ -111,7 +111,9 @@ def test_export_contract(tmp_path):
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk == meta and on_disk["image_root"] == str(tmp_path.resolve())
     assert on_disk["counts"] == {"exported": 5, "correct": 3, "incorrect": 2, "samples": 7, "human": 2,
-                                 "auto": 3, "unsure": 1, "tie": 1, "unlabeled": 0}
+                                 "auto": 3, "unsure": 1, "tie": 1, "unlabeled": 0, "pairs": 0, "pairs_compared": 0,
+                                 "pairs_tie": 0, "pairs_both_right": 0, "pairs_both_wrong": 0}
+    assert (out / "pairs.jsonl").read_text() == ""  # no pairwise judgements yet
     store.export(out)  # replacing an export works
     assert len(load_from_disk(str(out))) == 5
 
@@ -197,7 +199,7 @@ def test_import_labels_counts_rejects_and_is_idempotent(tmp_path):
 def test_schema_version_is_checked_on_open(tmp_path):
     make_store(tmp_path).close()
     db = sqlite3.connect(tmp_path / "labels.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.execute("PRAGMA user_version=7")
     db.commit()
@@ -286,3 +288,63 @@ def test_labeling_subcommands_explain_themselves(subcommand):
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "usage: vqa-rlhf " + subcommand in result.stdout
+
+
+# ---------------------------------------------------------------- pairwise preferences
+
+def make_pair_store(tmp_path):
+    """Two questions with three candidate answers each (samples 1-3: q0, 4-6: q1)."""
+    store = LabelStore(tmp_path / "labels.db", create=True)
+    rows = [{"question_id": f"q{i}", "image": f"images/{i}.png", "question": "What colour?", "answer": answer,
+             "gt_answers": GT_RED} for i in range(2) for answer in ("red", "blue", "green")]
+    store.add_samples(tmp_path, rows)
+    return store
+
+
+def test_pairwise_preferences_round_trip_through_the_store_and_the_export(tmp_path):
+    from datasets import load_from_disk
+
+    store = make_pair_store(tmp_path)
+    assert [s["sample_id"] for s in store.next_pair("ann")] == [1, 2]
+    store.add_comparison(1, 2, "ann", "a")  # red better than blue
+    assert [s["sample_id"] for s in store.next_pair("ann")] == [1, 3]
+    store.add_comparison(3, 1, "ann", "b")  # shown the other way round: red better than green
+    store.add_comparison(1, 3, "bob", "a")
+    store.add_comparison(2, 3, "ann", "both_wrong")
+    store.add_comparison(4, 5, "ann", "a")
+    store.add_comparison(4, 5, "bob", "b")  # a tie between people: not exported
+    store.add_comparison(4, 6, "ann", "b")
+    store.add_comparison(4, 6, "ann", "both_right")  # a re-judgement: the latest counts, nothing is lost
+    assert len(store.all_comparisons()) == 8 and store.comparisons_by("ann") == 6
+    store.add_label(1, "ann", "correct")  # pointwise labels live beside the pairs
+    meta = store.export(tmp_path / "export")
+    pairs = [json.loads(l) for l in (tmp_path / "export" / "pairs.jsonl").read_text().splitlines()]
+    assert [(p["chosen"], p["rejected"], p["labelers"]) for p in pairs] == [("red", "blue", "ann"),
+                                                                          ("red", "green", "ann,bob")]
+    assert pairs[0]["question_id"] == "q0" and pairs[0]["gt_answers"] == GT_RED
+    counts = meta["counts"]
+    assert (counts["pairs"], counts["pairs_compared"], counts["pairs_tie"], counts["pairs_both_wrong"],
+            counts["pairs_both_right"]) == (2, 5, 1, 1, 1)
+    assert len(load_from_disk(str(tmp_path / "export"))) == 1
+
+    with pytest.raises(StoreError, match="answer different questions"):
+        store.add_comparison(1, 4, "ann", "a")
+    with pytest.raises(StoreError, match="verdict"):
+        store.add_comparison(1, 2, "ann", "A")
+    with pytest.raises(UnknownSample):
+        store.add_comparison(1, 99, "ann", "a")
+    with pytest.raises(StoreError, match="two different samples"):
+        store.add_comparison(1, 1, "ann", "a")
+
+
+def test_a_version_1_store_gains_the_comparisons_table_and_keeps_its_labels(tmp_path):
+    store = make_store(tmp_path)
+    store.add_label(1, "ann", "correct")
+    store.close()
+    db = sqlite3.connect(tmp_path / "labels.db")
+    db.executescript("DROP TABLE comparisons; PRAGMA user_version=1;")  # as version 1 wrote it
+    db.close()
+    with LabelStore(tmp_path / "labels.db") as store:
+        assert [r["label"] for r in store.all_labels()] == ["correct"]
+        store.add_comparison(1, 2, "ann", "a")
+        assert len(store.all_comparisons()) == 1

@@ -280,7 +280,7 @@ def test_a_reward_model_with_its_own_tower_reads_pixels_while_the_policy_reads_t
     assert "the reward and value models read pixels" in capsys.readouterr().out
     assert (trainer.policy_input, trainer.critic_input) == ("image_features", "pixel_values")
     wrapper = trainer.accelerator.unwrap_model(trainer.model)
-    runs = count_tower_runs(wrapper.policy, trainer.ref_model, wrapper.value_model, trainer.reward_model)
+    runs = count_tower_runs(wrapper.policy, trainer.ref_model, wrapper.value_model, trainer.reward_model.model)
     batch = next(iter(trainer.dataloader))
     rollout = trainer.rollout(batch)
     trainer.ppo_update(rollout, *trainer.advantages(rollout)[:3], update=0)

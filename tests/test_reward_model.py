@@ -174,3 +174,32 @@ def test_bad_label_row_names_the_row(tmp_path, tiny_data_dir):
     (out / "meta.json").write_text(json.dumps({"image_root": str(tiny_data_dir)}))
     with pytest.raises(ValueError, match="sample_id 7.*label"):
         load_labels(out)
+
+
+def test_pairwise_preferences_train_the_pairwise_reward_model(saved_tiny_model, tiny_data_dir, tiny_overrides, tmp_path):
+    """Pairs people compared on the labeling page (pairs.jsonl of the export) are training pairs of
+    rm.objective=pairwise, beside the pairs the correct / incorrect labels make."""
+    from vlm.config import load_config
+    from stages.rm import train
+
+    labels = planted_labels(tiny_data_dir, tmp_path / "labels")
+    rows = [json.loads(l) for l in (labels / "labels.jsonl").read_text().splitlines()]
+    # the preferences: the ground-truth answer over "triangle"; labels: only correct ones (no labelled pairs)
+    preferred = [r for r in rows if r["label"] == "correct"]
+    (labels / "pairs.jsonl").write_text("".join(json.dumps({
+        "question_id": r["question_id"], "image": r["image"], "question": r["question"], "chosen": r["answer"],
+        "rejected": "triangle", "labelers": "ann", "gt_answers": r["gt_answers"]}) + "\n" for r in preferred))
+    from datasets import Dataset
+
+    Dataset.from_list(preferred).save_to_disk(str(tmp_path / "only-correct"))
+    only_correct = tmp_path / "only-correct"
+    for name in ("meta.json", "pairs.jsonl"):
+        (only_correct / name).write_text((labels / name).read_text())
+    config = load_config(REPO / "configs/default.yaml", [
+        *tiny_overrides, "rm.objective=pairwise", "rm.steps=2", "rm.batch_size=8", "rm.warmup_steps=0",
+        "rm.save_steps=100", "rm.best_of_n=0"])
+    metrics = train(config, only_correct, saved_tiny_model, tmp_path / "rm")
+    assert metrics["preference_pairs"] > 0 and metrics["steps"] == 2
+    (only_correct / "pairs.jsonl").unlink()
+    with pytest.raises(ValueError, match="pairwise needs .* or pairwise preferences"):
+        train(config, only_correct, saved_tiny_model, tmp_path / "rm2")

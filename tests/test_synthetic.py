@@ -23,7 +23,7 @@ from data_prep.synthetic import (
     normalize_answer,
 )
 
-TINY = SyntheticConfig(train_images=60, val_images=15, test_images=15, seed=3)
+TINY = SyntheticConfig(train_images=60, val_images=15, test_images=15, rl_images=15, seed=3)
 KINDS = ("vqa", "captions", "conversations")
 
 
@@ -122,7 +122,8 @@ def test_splits_share_no_image_and_no_scene(records):
         for b in SPLITS:
             if a < b:
                 assert not images[a] & images[b]
-                assert not signatures[a] & signatures[b]
+                if {a, b} != {"train", "rl"}:  # rl draws from train's slice of the scene space
+                    assert not signatures[a] & signatures[b]
     for split in SPLITS:
         for kind in KINDS:
             assert {r["image"] for r in records[kind][split]} <= images[split]
@@ -266,7 +267,7 @@ def test_existing_dataset_same_config_skips_other_config_raises(dataset_dir, cap
     assert counts["train"]["questions"] == TINY.train_images * TINY.questions_per_image
 
     with pytest.raises(FileExistsError, match="different config"):
-        generate(SyntheticConfig(train_images=61, val_images=15, test_images=15, seed=3), dataset_dir)
+        generate(SyntheticConfig(train_images=61, val_images=15, test_images=15, rl_images=15, seed=3), dataset_dir)
 
 
 def test_non_dataset_dir_is_not_overwritten(tmp_path):
@@ -294,7 +295,7 @@ def test_counts_and_meta(dataset_dir, records):
     meta = json.loads((dataset_dir / "meta.json").read_text())
     assert meta["config"] == {
         "image_size": 48, "grid": 3, "max_objects": 4, "questions_per_image": 4,
-        "train_images": 60, "val_images": 15, "test_images": 15, "seed": 3,
+        "train_images": 60, "val_images": 15, "test_images": 15, "rl_images": 15, "seed": 3,
         "min_object_scale": 0.6, "max_object_scale": 0.9, "position_jitter": 1.0,
     }
     for split in SPLITS:
@@ -307,7 +308,7 @@ def test_counts_and_meta(dataset_dir, records):
 def test_cli(tmp_path, capsys):
     status = synthetic.main([
         "--out", str(tmp_path / "cli"), "--train-images", "8", "--val-images", "2",
-        "--test-images", "2", "--questions-per-image", "2", "--seed", "5", "--no-progress",
+        "--test-images", "2", "--rl-images", "2", "--questions-per-image", "2", "--seed", "5", "--no-progress",
     ])
     assert status == 0
     assert load_from_disk(str(tmp_path / "cli" / "vqa"))["train"].num_rows == 16
@@ -327,7 +328,8 @@ def test_invalid_config_raises(bad):
 
 
 def test_two_by_two_grid(tmp_path):
-    config = SyntheticConfig(image_size=32, grid=2, max_objects=3, train_images=20, val_images=5, test_images=5)
+    config = SyntheticConfig(image_size=32, grid=2, max_objects=3, train_images=20, val_images=5, test_images=5,
+                             rl_images=5)
     generate(config, tmp_path / "g2", progress=False)
     vqa = load_from_disk(str(tmp_path / "g2" / "vqa"))["train"]
     sides = {r["multiple_choice_answer"] for r in vqa if r["question_family"] == "position"}
@@ -335,7 +337,7 @@ def test_two_by_two_grid(tmp_path):
 
 
 def test_position_jitter_zero_centres_every_object_in_its_cell(tmp_path):
-    config = SyntheticConfig(train_images=20, val_images=2, test_images=2, seed=1, position_jitter=0.0)
+    config = SyntheticConfig(train_images=20, val_images=2, test_images=2, rl_images=2, seed=1, position_jitter=0.0)
     synthetic.generate(config, tmp_path / "centred", progress=False)
     from datasets import load_from_disk
 
@@ -346,3 +348,76 @@ def test_position_jitter_zero_centres_every_object_in_its_cell(tmp_path):
             size = x1 - x0 + 1
             assert abs((x0 - o["col"] * cell) - (cell - size) / 2) <= 0.5
             assert abs((y0 - o["row"] * cell) - (cell - size) / 2) <= 0.5
+
+
+# ---------------------------------------------------------------- the rl split
+
+def split_digests(out_dir: Path, splits) -> dict:
+    """A digest per split of its records (every kind) and its image files' bytes."""
+    import hashlib
+    import json
+
+    digests = {}
+    for split in splits:
+        digest = hashlib.sha256()
+        for kind in KINDS:
+            for record in load_from_disk(str(out_dir / kind))[split]:
+                digest.update(json.dumps(record, sort_keys=True).encode())
+        for path in sorted((out_dir / "images" / split).iterdir()):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+        digests[split] = digest.hexdigest()[:16]
+    return digests
+
+
+# Digests of train / val / test written by the generator before the rl split existed (commit
+# 1a8cacf), for the tests' tiny config and the default run's: other runs' measurements were
+# made on exactly these, so adding a split must not change a byte of them.
+BEFORE_THE_RL_SPLIT = {
+    "tiny": ({"train_images": 30, "val_images": 6, "test_images": 6},
+             {"train": "07fd01f231ac5ba2", "val": "010183ece339bf71", "test": "02f8c21780b67690"}),
+    "default": ({}, {"train": "8e174a0b7dbae528", "val": "6b8673af87548f31", "test": "f5002d7037dc007e"}),
+}
+
+
+@pytest.mark.parametrize("name", list(BEFORE_THE_RL_SPLIT))
+def test_train_val_test_are_byte_identical_to_before_the_rl_split(name, tmp_path):
+    sizes, expected = BEFORE_THE_RL_SPLIT[name]
+    generate(SyntheticConfig(seed=0, **sizes), tmp_path / name, progress=False)
+    assert split_digests(tmp_path / name, ("train", "val", "test")) == expected
+
+
+def test_rl_split_is_new_images_from_the_train_distribution(records):
+    rl = records["captions"]["rl"]
+    assert len(rl) == TINY.rl_images
+    assert {r["image"] for r in rl}.isdisjoint({r["image"] for r in records["captions"]["train"]})
+    signature = lambda r: synthetic.split_of_signature(
+        synthetic.scene_signature([synthetic.SceneObject(o["shape"], o["colour"], o["row"], o["col"], (), ())
+                                   for o in r["objects"]]), TINY.seed)
+    assert {signature(r) for r in rl} == {"train"}  # never a val or test layout
+    assert {r["question_family"] for r in records["vqa"]["rl"]} == set(synthetic.FAMILIES)
+
+
+def test_a_dataset_made_before_the_rl_split_gets_it_added_and_keeps_the_rest(dataset_dir, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(dataset_dir, old)
+    before = split_digests(old, ("train", "val", "test"))
+    # what the generator wrote before: no rl split, no rl_images in its config
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["config"]["rl_images"], meta["counts"]["rl"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(old / "images" / "rl")
+    for kind in KINDS:
+        without = DatasetDict({s: d for s, d in load_from_disk(str(dataset_dir / kind)).items() if s != "rl"})
+        shutil.rmtree(old / kind)
+        without.save_to_disk(str(old / kind))
+
+    counts = generate(TINY, old, progress=False)
+    assert counts["rl"]["images"] == TINY.rl_images
+    assert split_digests(old, ("train", "val", "test")) == before
+    assert split_digests(old, ("rl",)) == split_digests(dataset_dir, ("rl",))  # as a fresh run writes it
+    assert json.loads((old / "meta.json").read_text())["config"]["rl_images"] == TINY.rl_images
+    assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in dataset_dir.iterdir())

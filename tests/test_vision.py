@@ -82,7 +82,7 @@ def test_the_vision_stage_saves_a_stock_tower_its_probe_and_the_feature_cache(vi
         assert set(probe) == {"shape", "colour"} and all(0 <= v <= 100 for v in probe.values())
     store = FeatureStore(config.vision_features)
     store.check_matches(signature(tower, processor, -1), "the saved tower")  # made by exactly this tower
-    assert len(store.rows) == 30 + 6 + 6  # every image of every split
+    assert len(store.rows) == 30 + 6 + 6 + 6  # every image of every split (train, val, test, rl)
 
 
 def test_a_killed_vision_stage_resumes_to_the_same_tower(vision_overrides, tmp_path, monkeypatch):

@@ -88,6 +88,11 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
+    # Images SFT never trains on, whose questions are the prompts for sampling answers to label
+    # and for RL (the built-in generator's `rl` split). RL on SFT's own training prompts teaches
+    # remembered answers, not better seeing. A converted dataset names its own (e.g. a slice of
+    # VQA v2 train held out of SFT).
+    rl_split: str = "rl"
     max_train_samples: int | None = None
     # Prompt formats; {question} is filled in, the answer follows the prompt.
     prompt_template: str = "USER: <image>\n{question}\nASSISTANT:"
@@ -182,6 +187,16 @@ class RewardTrainConfig(TrainConfig):
     labels: str | None = None  # an export dir (vqa-rlhf export-labels); default: exported from sample.db
     base: str | None = None  # the VLM whose backbone the reward model starts from; default: <run>/sft/final
     heldout_fraction: float = 0.2  # labels held out for evaluation, split by image
+    # Fact-augmented reward model (LLaVA-RLHF's Fact-RLHF): it also reads the image's reference facts
+    # (its captions, from the labels' dataset) before the question, at training and scoring time.
+    # Trained into <run>/rm-fact (ppo.reward=fact_model reads it), beside the plain one in <run>/rm.
+    facts: bool = False
+    facts_template: str = "Facts: {facts}\n"
+    # Train on the official VQA accuracy of each answer against its ground truth (soft BCE targets)
+    # instead of the correct / incorrect label where the ground truth is known; metrics still use labels.
+    soft_targets: bool = False
+    best_of_n: int = 8  # diagnostics: best-of-n by the reward on held-out questions (0: off)
+    best_of_n_questions: int = 400  # of the eval split, the first N questions
 
 
 @dataclass
@@ -189,7 +204,15 @@ class PPOConfig:
     """RL fine-tuning of the SFT policy against the reward model (`ppo:`), through TRL 1.12."""
     algo: str = "ppo"  # ppo | grpo | rloo
     policy: str | None = None  # default: <run>/sft/final
+    # What RL maximises (rewards/registry.py): model (the learned reward model) | fact_model (the
+    # fact-augmented one, rm.facts) | vqa_accuracy (official VQA accuracy against the record's
+    # answers: verifiable) | similarity (MiniLM vs the reference answers); or several joined by
+    # '+' (model+vqa_accuracy), mixed as a weighted sum with reward_weights.
+    reward: str = "model"
+    reward_weights: dict = field(default_factory=dict)  # reward name -> weight when mixing (default 1 each)
     reward_model: str | None = None  # default: <run>/rm/final
+    fact_model: str | None = None  # default: <run>/rm-fact/final
+    prompt_split: str | None = None  # the split RL prompts come from; default: data.rl_split
     steps: int = 60  # PPO updates (each: one batch of rollouts, ppo_epochs passes over it)
     batch_size: int = 64  # rollouts per update per process
     mini_batches: int = 2
@@ -213,11 +236,23 @@ class PPOConfig:
     freeze_vision: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: str | None = None  # grpo / rloo (HF Trainer); ppo takes DeepSpeed from `accelerate launch` configs
-    max_prompts: int | None = None  # train-split questions used as queries (default: all)
+    max_prompts: int | None = None  # questions of the prompt split used as queries (default: all)
     save_steps: int = 20
     eval_steps: int = 20  # held-out VQA accuracy every N updates (0: off)
     eval_samples: int = 256
     resume: bool = True
+    # Reward-hacking guard (ppo): the alarm fires when the last hacking_window updates' mean reward is
+    # above the first hacking_window updates' while the reward's agreement with the ground truth
+    # (official VQA accuracy of the same rollouts) is hacking_drop points below theirs; the stage then
+    # stops and keeps the best held-out checkpoint. With 64 rollouts an update's agreement varies by
+    # about 6 points, so a 10-update mean by about 2: a 10-point drop is not noise.
+    stop_on_hacking: bool = True
+    hacking_window: int = 10
+    hacking_drop: float = 10.0
+    # Oracle control: after the run, the same PPO budget again with ppo.reward=vqa_accuracy (into
+    # <run>/ppo-oracle), so the report shows how much of the gap is the reward's. Off by default:
+    # it doubles the stage's time.
+    oracle_control: bool = False
 
 
 @dataclass
@@ -248,7 +283,7 @@ class SampleConfig:
     """Candidate answers for labeling (`vqa-rlhf sample`, rewards/sampling.py): K sampled answers
     per question plus the greedy one, duplicates merged, into the label store."""
     model: str | None = None  # checkpoint to sample from; default: <run>/sft/final
-    split: str = "train"
+    split: str | None = None  # default: data.rl_split (images SFT never trained on)
     max_questions: int | None = 2000  # the split's first N questions (None: all)
     k: int = 4  # sampled answers per question, besides the greedy one
     temperature: float = 1.0
@@ -318,6 +353,24 @@ class RunConfig:
     def ppo_reward_model(self) -> Path:
         """The reward model RL trains against: ppo.reward_model, else the run's."""
         return Path(self.ppo.reward_model) if self.ppo.reward_model else self.run_dir / "rm" / "final"
+
+    @property
+    def ppo_fact_model(self) -> Path:
+        """The fact-augmented reward model (ppo.reward=fact_model): ppo.fact_model, else the run's."""
+        return Path(self.ppo.fact_model) if self.ppo.fact_model else self.run_dir / "rm-fact" / "final"
+
+    @property
+    def rm_dir(self) -> Path:
+        """Where the rm stage trains: <run>/rm, or <run>/rm-fact for the fact-augmented model."""
+        return self.run_dir / ("rm-fact" if self.rm.facts else "rm")
+
+    @property
+    def ppo_prompt_split(self) -> str:
+        return self.ppo.prompt_split or self.data.rl_split
+
+    @property
+    def sample_split(self) -> str:
+        return self.sample.split or self.data.rl_split
 
     @property
     def labels_db(self) -> Path:
@@ -453,9 +506,30 @@ def _check_choices(config: RunConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}' is {value!r}; allowed: {sorted(map(str, allowed))}")
+    _check_reward(config.ppo)
     unknown_stages = [s for s in config.stages if s not in STAGES]
     if unknown_stages:
         raise ConfigError(f"unknown stage(s) {unknown_stages}; stages are {list(STAGES)}")
+
+
+def _check_reward(ppo: PPOConfig) -> None:
+    from rewards.registry import REWARDS, reward_names  # names only: no model is loaded here
+
+    try:
+        names = reward_names(ppo.reward)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'ppo.reward': {exc}") from None
+    for name in names:
+        if name not in REWARDS:
+            close = difflib.get_close_matches(name, list(REWARDS), n=2, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"config key 'ppo.reward' names unknown reward {name!r}{hint} "
+                              f"(rewards: {', '.join(REWARDS)}; mix with '+')")
+    for name, weight in ppo.reward_weights.items():
+        if name not in names:
+            raise ConfigError(f"config key 'ppo.reward_weights.{name}': {name!r} is not in ppo.reward={ppo.reward!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"config key 'ppo.reward_weights.{name}' must be a number, got {weight!r}")
 
 
 @dataclass(frozen=True)

@@ -419,3 +419,27 @@ def load_split(dataset_dir: Path, kind: str, split: str):
     if split not in dataset:
         raise KeyError(f"{path}: no split '{split}' (has {list(dataset)})")
     return dataset[split]
+
+
+def captions_by_image(dataset_dir: Path) -> dict[str, str]:
+    """Each image's reference facts: its captions (every split; several joined by a space, as
+    COCO's five are), by image path. {} when the dataset has no captions/."""
+    from datasets import load_from_disk
+
+    path = Path(dataset_dir) / "captions"
+    if not path.exists():
+        return {}
+    captions: dict[str, list[str]] = {}
+    for split in load_from_disk(str(path)).values():
+        for image, caption in zip(split["image"], split["caption"]):
+            if isinstance(caption, str) and caption.strip():
+                captions.setdefault(image, []).append(caption.strip())
+    return {image: " ".join(texts) for image, texts in captions.items()}
+
+
+def reference_of(record: dict, captions: dict[str, str]) -> dict:
+    """What a reward may know about a VQA record's question: its id, image, question, annotator
+    answers ([] when unknown) and the image's caption (None when the data has none)."""
+    answers = record.get("answers")
+    return {"id": str(record["id"]), "image": record["image"], "question": record["question"],
+            "answers": list(answers) if isinstance(answers, list) else [], "caption": captions.get(record["image"])}

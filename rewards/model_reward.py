@@ -1,0 +1,104 @@
+"""Learned rewards: the reward model (`model`) and the fact-augmented reward model (`fact_model`).
+
+Each answer is encoded as the reward model was trained on it (rewards/train_rm.py: the VQA
+prompt with its image + " answer" + EOS; for a fact-augmented model the image's reference
+facts before the question), then read at the last token.
+
+A fact-augmented model (trained with rm.facts=true) records its `facts_template` in its
+config; `fact_model` refuses a model without one and `model` one with one, so a run never
+scores with facts a model that never saw them, nor leaves out facts a model was trained on.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rewards.base import Reward, RewardContext, RewardInput
+
+
+class ModelReward(Reward):
+    reads_facts = False
+    what = "reward model (ppo.reward_model)"
+
+    def __init__(self, model, tokenizer, images, prompt_template: str, answer_template: str, max_length: int,
+                 threshold: float = 0.0, batch_size: int = 128):
+        super().__init__()
+        self.model = model.eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.images = images  # path -> pixels or cached features (images.input_name)
+        self.prompt_template, self.answer_template = prompt_template, answer_template
+        self.max_length = max_length
+        self.threshold = threshold
+        self.batch_size = batch_size
+        self.facts_template = getattr(model.config, "facts_template", None)
+
+    @classmethod
+    def model_dir(cls, config) -> Path:
+        return config.ppo_reward_model
+
+    @classmethod
+    def from_config(cls, config, context: RewardContext) -> "ModelReward":
+        from rewards.reward_model import RewardModel
+
+        path = cls.model_dir(config)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"no {cls.what} at {path}: run the rm stage first"
+                                    + (" with rm.facts=true" if cls.reads_facts else ""))
+        model = RewardModel.from_pretrained(path, dtype=torch.float32)
+        reads_facts = bool(getattr(model.config, "facts_template", None))
+        if reads_facts != cls.reads_facts:
+            raise ValueError(f"{path}: this reward model was trained {'with' if reads_facts else 'without'} the "
+                             f"image's reference facts; use ppo.reward={'fact_model' if reads_facts else 'model'}")
+        data = config.data
+        return cls(model, context.processor.tokenizer, context.images_for(model), data.prompt_template,
+                   data.answer_template, data.max_length, threshold=fitted_threshold(path))
+
+    def encode(self, item: RewardInput) -> list[int]:
+        from rewards.train_rm import encode_answer, reward_prompt
+
+        prompt = reward_prompt(self.prompt_template, item.question, self.facts_template, item.caption)
+        try:
+            return encode_answer(self.tokenizer, prompt, item.answer, self.answer_template,
+                                 self.model.config.image_seq_length, self.max_length)
+        except ValueError as exc:
+            raise ValueError(f"reward '{self.name}': record {item.record_id}: {exc}") from None
+
+    @torch.no_grad()
+    def score(self, inputs: list[RewardInput]) -> torch.Tensor:
+        from rewards.train_rm import pad_rows
+        from vlm.features import image_inputs
+
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(inputs), self.batch_size):
+            chunk = inputs[start:start + self.batch_size]
+            batch = pad_rows([{"input_ids": self.encode(item), "pixel_values": self.images(item.image)}
+                              for item in chunk], self.tokenizer.pad_token_id)
+            images = batch.pop("pixel_values").to(device)
+            out.append(self.model(**{k: v.to(device) for k, v in batch.items()},
+                                  **image_inputs(self.model, images, self.images.input_name)).float().cpu())
+        return torch.cat(out)
+
+
+class FactModelReward(ModelReward):
+    """The reward model that also reads the image's reference facts (LLaVA-RLHF's Fact-RLHF).
+    Facts are used where the data has them; an image without a caption is scored without."""
+    reads_facts = True
+    what = "fact-augmented reward model (ppo.fact_model)"
+
+    @classmethod
+    def model_dir(cls, config) -> Path:
+        return config.ppo_fact_model
+
+
+def fitted_threshold(model_dir: Path) -> float:
+    """The model's cut between correct and incorrect, fitted on its training labels (rm stage's
+    metrics.json beside or inside the model dir); 0 (a logit's natural cut) when there is none."""
+    for path in (model_dir.parent / "metrics.json", model_dir / "metrics.json"):
+        if path.is_file():
+            return float(json.loads(path.read_text()).get("threshold", 0.0))
+    return 0.0
