@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from vlm.config import STAGES, ConfigError, RunConfig, load_config, to_dict
+from vlm.data import split_exists, training_tasks
 from stages.common import DEFAULT_CONFIG, config_path_and_overrides, write_json
 from stages.report import build_report, print_table
 
@@ -30,6 +31,10 @@ STAGE_MODULES = {"prep": "stages.prep", "sft": "stages.sft", "sample": "stages.s
                  "instruct": "stages.instruct", "eval": "stages.evaluate", "caption_eval": "stages.caption_eval",
                  "retrieval_eval": "stages.retrieval_eval"}
 TRAINING_STAGES = {"sft", "rm", "ppo", "instruct"}
+# Stages that ask the SFT model VQA questions (or learn from its answers): skipped when SFT
+# trains on captions alone (data.supervision, a COCO-captions or Flickr30k dataset).
+VQA_STAGES = {"sample", "autolabel", "rm", "ppo", "instruct", "eval"}
+CAPTION_STAGES = {"caption_eval", "retrieval_eval"}  # skipped when the dataset has no captions to score
 
 # --smoke: a few steps on a small slice, to validate a config end to end in minutes.
 SMOKE_OVERRIDES = [
@@ -88,6 +93,22 @@ def set_aside_other_configs_state(stage_dir: Path, fingerprint: str, force: bool
     write_json(started, {"config": fingerprint})
 
 
+def why_skip(config: RunConfig, stage: str) -> str | None:
+    """Why a stage cannot apply to this run's data, or None. Decided when the stage is due
+    (after prep wrote the dataset); a dataset that cannot be read is left to the stage to report."""
+    if stage in VQA_STAGES:
+        try:
+            tasks = training_tasks(config.data, config.data_dir)
+        except (OSError, ValueError):
+            return None
+        if "vqa" not in tasks:
+            return (f"it needs VQA, and SFT trains on {' + '.join(sorted(tasks))} only "
+                    f"(data.supervision={config.data.supervision}, dataset {config.data_dir})")
+    if stage in CAPTION_STAGES and not split_exists(config.data_dir, "captions", config.eval.split):
+        return f"it scores captions, and {config.data_dir} has no captions/{config.eval.split} split"
+    return None
+
+
 def labeling_instructions(config: RunConfig, config_path: str, overrides: list[str], later: list[str]) -> str:
     """What to do after `sample` when labels come from people (no autolabel stage)."""
     db = config.labels_db
@@ -106,6 +127,10 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
         marker = run_dir / stage / "done.json"
         if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
             print(f"== {stage}: done earlier with this config, skipping (--force to rerun)", flush=True)
+            continue
+        reason = why_skip(config, stage)
+        if reason:
+            print(f"== {stage}: skipped: {reason}", flush=True)
             continue
         set_aside_other_configs_state(run_dir / stage, fingerprint, force)
         command = stage_command(config, stage, config_path, overrides)

@@ -78,7 +78,11 @@ class DataConfig:
     # this for VQA v2): the image is encoded once for several supervised answers.
     questions_per_example: int = 1
     caption_prompt: str = "Describe the image."
-    # Co-train on captions (dense supervision; LLaVA's alignment data).
+    # What SFT learns from (vlm/data.py training_tasks): auto (whatever the dataset holds:
+    # VQA, captions or both) | vqa | captions (a captioner: every train caption, no VQA;
+    # the pipeline then skips the stages that need VQA) | both.
+    supervision: str = "auto"
+    # Co-train on captions (dense supervision; LLaVA's alignment data) when VQA is there too.
     caption_ratio: float = 0.25  # caption examples per VQA question
     max_length: int = 96
     on_bad_record: str = "skip"  # skip (counted, written to rejects.jsonl) | error
@@ -393,6 +397,7 @@ def _check_choices(config: RunConfig) -> None:
     choices = {
         "data.source": (config.data.source, {"synthetic", "disk"}),
         "data.on_bad_record": (config.data.on_bad_record, {"skip", "error"}),
+        "data.supervision": (config.data.supervision, {"auto", "vqa", "captions", "both"}),
         "eval.decoding.strategy": (config.eval.decoding.strategy, {"greedy", "sample", "beam"}),
         "launcher": (config.launcher, {"none", "torchrun", "deepspeed"}),
         "sft.lora.quantize_bits": (config.sft.lora.quantize_bits, {None, 4, 8}),
