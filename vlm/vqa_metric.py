@@ -698,6 +698,9 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 2 bad input)."""
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["score"]:  # `vqa-rlhf score ARGS` hands over what follows its own name
+        argv = ["score", *argv]
     try:
         args = _parse(parser, argv)
     except SystemExit as exc:  # --help, or a usage error already reported by argparse
