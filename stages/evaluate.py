@@ -76,15 +76,10 @@ def submission_questions(config: RunConfig, records: list[dict], questions_file:
     return [official_question_id(r["id"]) for r in records], str(split_dir)
 
 
-def write_results(config: RunConfig, records: list[dict], predictions: list[str], path: Path,
-                  questions_file: Path | None, partial: bool) -> str:
-    """results.json for the challenge server, checked before it is written; returns what it was checked against."""
-    results = [{"question_id": official_question_id(r["id"]), "answer": submission_answer(p)}
-               for r, p in zip(records, predictions)]
-    question_ids, checked_against = submission_questions(config, records, questions_file, partial)
-    check_results(results, question_ids, str(path), checked_against)
-    write_json(path, results)
-    return checked_against
+def submission(records: list[dict], predictions: list[str]) -> list[dict]:
+    """The official results format, answers as the challenge's answer processor leaves them."""
+    return [{"question_id": official_question_id(r["id"]), "answer": submission_answer(p)}
+            for r, p in zip(records, predictions)]
 
 
 def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path | None = None) -> dict:
@@ -96,12 +91,21 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path 
         records = records.select(range(min(config.eval.max_samples, len(records))))
     records = list(records)
     for r in records:  # every question is answered: a submission needs all of them
-        if not isinstance(r.get("question"), str) or not r["question"].strip() or not isinstance(r.get("image"), str):
-            raise ValueError(f"{config.data_dir}/vqa/{split}: record {r.get('id')}: field "
-                             f"'{'image' if isinstance(r.get('question'), str) and r['question'].strip() else 'question'}' "
-                             f"is empty; every question needs an answer in the results file")
+        for name in ("question", "image"):
+            if not isinstance(r.get(name), str) or not r[name].strip():
+                raise ValueError(f"{config.data_dir}/vqa/{split}: record {r.get('id')}: field '{name}' is empty; "
+                                 f"every question needs an answer in the results file")
     if not records:
         raise ValueError(f"{config.data_dir}/vqa/{split}: no questions")
+    results_path = out_dir / "results.json"
+    # The questions the results file must answer, checked before hours of answering: a question
+    # the converter rejected (its image missing, say) is named now.
+    question_ids, checked_against = submission_questions(config, records, questions_file, len(records) < total)
+    try:
+        check_results(submission(records, [""] * len(records)), question_ids, str(results_path), checked_against)
+    except ValueError as exc:
+        raise ValueError(f"{config.data_dir}/vqa/{split} cannot give a complete results file (questions the "
+                         f"converter rejected are in {config.data_dir}/rejects.jsonl): {exc}") from None
 
     torch.manual_seed(config.seed)  # sampling decodes are reproducible
     model, processor = load_model(model_dir)
@@ -114,8 +118,9 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path 
     seconds = time.perf_counter() - started
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    checked_against = write_results(config, records, predictions, out_dir / "results.json", questions_file,
-                                    partial=len(records) < total)
+    results = submission(records, predictions)
+    check_results(results, question_ids, str(results_path), checked_against)
+    write_json(results_path, results)
     # Scored: the questions that have their ten answers (all of them, or none in test-dev / test).
     scored = [(r, p) for r, p in zip(records, predictions) if check_vqa_record(r) is None]
     report = _scored(*zip(*scored), "question_type") if scored else None
@@ -128,17 +133,17 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path 
                 "accuracy": report.per_question.get(r["id"]) if report else None,
             }) + "\n")
     tmp.replace(out_dir / "predictions.jsonl")
-    submission = {"results": str(out_dir / "results.json"), "results_checked_against": checked_against}
+    where = {"results": str(results_path), "results_checked_against": checked_against}
     if report is None:
         # Nothing to score: no metrics.json (one left from another split would be read as this one's).
         (out_dir / "metrics.json").unlink(missing_ok=True)
-        return {"model": str(model_dir), "split": split, "count": len(records), "scored": 0, **submission,
+        return {"model": str(model_dir), "split": split, "count": len(records), "scored": 0, **where,
                 "seconds": round(seconds, 2)}
     by_family = _scored(*zip(*scored), "question_family").by_question_type
     metrics = {
         "model": str(model_dir),
         "split": split,
-        **submission,
+        **where,
         "count": report.count,
         "scored": report.count,
         "vqa_accuracy": report.overall,
