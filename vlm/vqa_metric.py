@@ -87,7 +87,9 @@ scores JSON lines ``{"question_id", "prediction", "answers": [10 strings],
 "answer_type"?, "question_type"?}``.  ``python -m vlm.vqa_metric score
 --results R.json --annotations A.json [--questions Q.json]`` scores the
 official result / annotation files.  The last line printed is always
-``VQA accuracy: NN.NN``.  Bad input exits with status 2 and a message naming
+``VQA accuracy: NN.NN``.  ``score --results R.json --questions Q.json``
+(no annotations: test-dev / test) only checks a results file for submission
+(:func:`check_results`).  Bad input exits with status 2 and a message naming
 the file, the line or record, and the field.
 """
 
