@@ -1,11 +1,19 @@
 """Evaluation: answer a split's questions and score them with the official VQA metric.
 
-    vqa-rlhf eval configs/default.yaml [--model DIR] [--tag NAME] [key=value ...]
+    vqa-rlhf eval configs/default.yaml [--model DIR] [--tag NAME] [--questions Q.json] [key=value ...]
 
-Writes <run>/eval/<tag>/: results.json (official results format,
-[{"question_id", "answer"}]), predictions.jsonl (prediction + ground truth, the
-input of `vqa-rlhf score`) and metrics.json (overall, per answer type, per
-question type and family, plus the majority-answer baseline on the same split).
+Writes <run>/eval/<tag>/: results.json (the official results format,
+[{"question_id", "answer"}], ready to submit to the VQA challenge server: every
+question of the split exactly once, answers post-processed as the challenge's answer
+processor does, checked against the questions file before it is written),
+predictions.jsonl (raw prediction + ground truth, the input of `vqa-rlhf score`) and
+metrics.json (overall, per answer type, per question type and family, plus the
+majority-answer baseline on the same split).
+
+A split without answers (VQA v2 test-dev / test, converted without --annotations)
+cannot be scored: it gets results.json and predictions.jsonl only. The questions file
+results.json is checked against is --questions, else the file the split was converted
+from (the dataset's meta.json), else the split's own records.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ from vlm.data import check_vqa_record, load_split
 from vlm.features import image_source
 from vlm.generate import answer_questions
 from vlm.model import load_model
-from vlm.vqa_metric import score_records
+from vlm.vqa_metric import check_results, official_question_id, read_question_ids, score_records, submission_answer
 from stages.common import add_model_option, config_from_args, model_dir_from, stage_parser, write_json
 
 
@@ -82,44 +90,105 @@ def tower_probe(config: RunConfig, model) -> dict | None:
         return None
 
 
-def evaluate(config: RunConfig, model_dir: Path, tag: str) -> dict:
+def submission_questions(config: RunConfig, records: list[dict], questions_file: Path | None,
+                         partial: bool) -> tuple[list, str]:
+    """The question ids a results file must answer, and where they come from: --questions,
+    the VQA v2 questions file the split was converted from (meta.json), or the split itself.
+    A slice (eval.max_samples) answers only its own questions."""
+    split_dir = config.data_dir / "vqa" / config.eval.split
+    if partial:
+        return ([official_question_id(r["id"]) for r in records],
+                f"the first {len(records)} questions of {split_dir} (eval.max_samples: not a complete submission)")
+    if questions_file is None:
+        meta_path = config.data_dir / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        converted = meta.get("converted", {}).get("vqa", {}).get(config.eval.split, {})
+        sources = [Path(s) for s in converted.get("sources", [])]
+        if converted.get("converter") == "vqav2" and sources and sources[0].is_file():
+            questions_file = sources[0]  # the questions file (the annotations file comes second)
+    if questions_file is not None:
+        return read_question_ids(questions_file), str(questions_file)
+    return [official_question_id(r["id"]) for r in records], str(split_dir)
+
+
+def submission(records: list[dict], predictions: list[str]) -> list[dict]:
+    """The official results format, answers as the challenge's answer processor leaves them."""
+    return [{"question_id": official_question_id(r["id"]), "answer": submission_answer(p)}
+            for r, p in zip(records, predictions)]
+
+
+def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path | None = None) -> dict:
     out_dir = config.run_dir / "eval" / tag
     split = config.eval.split
     records = load_split(config.data_dir, "vqa", split)
+    total = len(records)
     if config.eval.max_samples:
         records = records.select(range(min(config.eval.max_samples, len(records))))
-    records = [r for r in records if check_vqa_record(r) is None]
+    records = list(records)
+    for r in records:  # every question is answered: a submission needs all of them
+        for name in ("question", "image"):
+            if not isinstance(r.get(name), str) or not r[name].strip():
+                raise ValueError(f"{config.data_dir}/vqa/{split}: record {r.get('id')}: field '{name}' is empty; "
+                                 f"every question needs an answer in the results file")
     if not records:
-        raise ValueError(f"{config.data_dir}/vqa/{split}: no scorable records")
+        raise ValueError(f"{config.data_dir}/vqa/{split}: no questions")
+    results_path = out_dir / "results.json"
+    # The questions the results file must answer, checked before hours of answering: a question
+    # the converter rejected (its image missing, say) is named now.
+    question_ids, checked_against = submission_questions(config, records, questions_file, len(records) < total)
+    try:
+        check_results(submission(records, [""] * len(records)), question_ids, str(results_path), checked_against)
+    except ValueError as exc:
+        raise ValueError(f"{config.data_dir}/vqa/{split} cannot give a complete results file (questions the "
+                         f"converter rejected are in {config.data_dir}/rejects.jsonl): {exc}") from None
 
     torch.manual_seed(config.seed)  # sampling decodes are reproducible
     model, processor = load_model(model_dir)
     images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
     started = time.perf_counter()
-    predictions, report, by_family = answer_and_score(config, model, processor, images, records)
+    predictions = answer_questions(
+        model, processor, records, images, config.data.prompt_template, config.eval.decoding,
+        config.eval.batch_size, config.data.max_length, progress=True,
+    )
     seconds = time.perf_counter() - started
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "results.json", [{"question_id": r["id"], "answer": p} for r, p in zip(records, predictions)])
+    results = submission(records, predictions)
+    check_results(results, question_ids, str(results_path), checked_against)
+    write_json(results_path, results)
+    # Scored: the questions that have their ten answers (all of them, or none in test-dev / test).
+    scored = [(r, p) for r, p in zip(records, predictions) if check_vqa_record(r) is None]
+    report = _scored(*zip(*scored), "question_type") if scored else None
     tmp = out_dir / "predictions.jsonl.tmp"
     with open(tmp, "w") as f:
         for r, p in zip(records, predictions):
             f.write(json.dumps({
                 "question_id": r["id"], "question": r["question"], "prediction": p, "answers": r["answers"],
                 "answer_type": r.get("answer_type"), "question_type": r.get("question_type"),
-                "question_family": r.get("question_family"), "accuracy": report.per_question[r["id"]],
+                "question_family": r.get("question_family"),
+                "accuracy": report.per_question.get(r["id"]) if report else None,
             }) + "\n")
     tmp.replace(out_dir / "predictions.jsonl")
+    where = {"results": str(results_path), "results_checked_against": checked_against}
+    if report is None:
+        # Nothing to score: no metrics.json (one left from another split would be read as this one's).
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+        return {"model": str(model_dir), "split": split, "count": len(records), "scored": 0, **where,
+                "seconds": round(seconds, 2)}
+    by_family = _scored(*zip(*scored), "question_family").by_question_type
     metrics = {
         "model": str(model_dir),
         "split": split,
+        **where,
         "count": report.count,
+        "scored": report.count,
         "vqa_accuracy": report.overall,
         "by_answer_type": report.by_answer_type,
         "by_question_type": report.by_question_type,
         "by_question_family": by_family,
         "seconds": round(seconds, 2),
         "samples_per_second": round(len(records) / seconds, 1),
-        "baselines": {"majority_answer": majority_answer_baseline(config, records)},
+        "baselines": {"majority_answer": majority_answer_baseline(config, [r for r, _ in scored])},
         "train_check": memorisation_check(config, model, processor, images),
         "tower_probe": tower_probe(config, model),
     }
@@ -183,11 +252,23 @@ def main(argv=None) -> int:
     parser = stage_parser("eval", __doc__)
     add_model_option(parser)
     parser.add_argument("--tag", default=None, help="name of the output folder under <run>/eval (default: sft)")
+    parser.add_argument("--questions", type=Path, default=None,
+                        help="official questions file results.json must answer exactly (default: the file the "
+                             "split was converted from, per the dataset's meta.json)")
     args = parser.parse_intermixed_args(argv)
     config = config_from_args(args)
     model_dir = model_dir_from(args, config)
     tag = args.tag or (Path(args.model).name if args.model else "sft")
-    metrics = evaluate(config, model_dir, tag)
+    try:
+        metrics = evaluate(config, model_dir, tag, args.questions)
+    except (ValueError, FileNotFoundError, KeyError) as exc:  # each names its file, record and field
+        sys.exit(f"error: {exc}")
+    print(f"eval[{tag}] {metrics['split']}: results file for the VQA challenge server: {metrics['results']} "
+          f"({metrics['count']} answers, one per question of {metrics['results_checked_against']})")
+    if not metrics["scored"]:
+        print(f"eval[{tag}] {metrics['split']}: no answers in this split to score against; submit the results "
+              f"file (VQA v2 test-dev / test: https://eval.ai/web/challenges/challenge-page/830)")
+        return 0
     print(f"eval[{tag}] {metrics['split']}: VQA accuracy {metrics['vqa_accuracy']:.2f} over {metrics['count']} "
           f"questions (majority-answer baseline {metrics['baselines']['majority_answer']['vqa_accuracy']:.2f})")
     for answer_type, accuracy in sorted(metrics["by_answer_type"].items()):

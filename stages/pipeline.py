@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from vlm.config import STAGES, ConfigError, RunConfig, load_config, to_dict
+from vlm.data import split_exists, training_tasks
 from stages.common import DEFAULT_CONFIG, config_path_and_overrides, write_json
 from stages.report import build_report, print_table
 
@@ -84,6 +85,22 @@ def set_aside_other_configs_state(stage_dir: Path, fingerprint: str, force: bool
     write_json(started, {"config": fingerprint})
 
 
+def why_skip(config: RunConfig, stage: str) -> str | None:
+    """Why a stage cannot apply to this run's data, or None. Decided when the stage is due
+    (after prep wrote the dataset); a dataset that cannot be read is left to the stage to report."""
+    if STAGES[stage].needs == "vqa":
+        try:
+            tasks = training_tasks(config.data, config.data_dir)
+        except (OSError, ValueError):
+            return None
+        if "vqa" not in tasks:
+            return (f"it needs VQA, and SFT trains on {' + '.join(sorted(tasks))} only "
+                    f"(data.supervision={config.data.supervision}, dataset {config.data_dir})")
+    if STAGES[stage].needs == "captions" and not split_exists(config.data_dir, "captions", config.eval.split):
+        return f"it scores captions, and {config.data_dir} has no captions/{config.eval.split} split"
+    return None
+
+
 def labeling_instructions(config: RunConfig, config_path: str, overrides: list[str], later: list[str]) -> str:
     """What to do after `sample` when labels come from people (no autolabel stage)."""
     db = config.labels_db
@@ -102,6 +119,10 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
         marker = run_dir / stage / "done.json"
         if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
             print(f"== {stage}: done earlier with this config, skipping (--force to rerun)", flush=True)
+            continue
+        reason = why_skip(config, stage)
+        if reason:
+            print(f"== {stage}: skipped: {reason}", flush=True)
             continue
         set_aside_other_configs_state(run_dir / stage, fingerprint, force)
         command = stage_command(config, stage, config_path, overrides)

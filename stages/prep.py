@@ -4,7 +4,8 @@
 
 data.source=synthetic generates the built-in dataset into data.dir (default
 <run>/data); it is skipped when that dir already holds the same generation.
-data.source=disk checks that data.dir holds a converted dataset.
+data.source=disk checks that data.dir holds a converted dataset: the train, val and test
+splits of what SFT trains on (VQA, captions or both: data.supervision).
 
 Converting a public data set into such a dir (each has its own --help):
 
@@ -24,7 +25,7 @@ import sys
 
 from data_prep import convert
 from data_prep.synthetic import SyntheticConfig, generate
-from vlm.data import load_split
+from vlm.data import load_split, training_tasks
 from stages.common import parse_stage_args
 
 
@@ -37,9 +38,13 @@ def prepare(config) -> dict:
         except (TypeError, ValueError) as exc:
             raise SystemExit(f"error: data.synthetic: {exc}") from None
         return generate(synthetic, config.data_dir)
+    # What SFT will train on must be there (a clear error now, not after a tokenizer is trained);
+    # a captions-only dataset (COCO captions, Flickr30k) has no vqa/ at all.
+    tasks = training_tasks(data, config.data_dir)
     counts = {}
-    for split in (data.train_split, data.val_split, data.test_split):
-        counts[split] = len(load_split(config.data_dir, "vqa", split))
+    for kind in sorted(tasks):
+        for split in dict.fromkeys((data.train_split, data.val_split, data.test_split)):
+            counts[f"{kind}/{split}"] = len(load_split(config.data_dir, kind, split))
     return counts
 
 

@@ -43,7 +43,11 @@ def build_report(run_dir: Path) -> dict:
                           "train_loss": sft["train_loss"]})
         curve_path = run_dir / "sft" / "eval_log.jsonl"
         if curve_path.is_file():
-            entry["val_accuracy_curve"] = [json.loads(l) for l in curve_path.read_text().splitlines() if l.strip()]
+            curve = [json.loads(l) for l in curve_path.read_text().splitlines() if l.strip()]
+            # a captions-only SFT logs held-out caption perplexity, not VQA accuracy
+            entry["val_accuracy_curve"] = [e for e in curve if "vqa_accuracy" in e]
+            if any("caption_perplexity" in e for e in curve):
+                entry["val_caption_perplexity_curve"] = [e for e in curve if "caption_perplexity" in e]
         report["stages"]["sft"] = entry
     captions = _read(run_dir / "eval" / "captions" / "metrics.json")  # stages/caption_eval.py
     if captions:

@@ -1,4 +1,4 @@
-"""Stage 1: supervised fine-tuning on VQA, loss on answer tokens only.
+"""Stage 1: supervised fine-tuning on VQA and / or captions, loss on answer (caption) tokens only.
 
     vqa-rlhf sft configs/default.yaml [key=value ...]
     torchrun --nproc_per_node 2 -m stages.sft configs/default.yaml sft.deepspeed=configs/deepspeed/zero2.json
@@ -7,6 +7,11 @@ setup: config -> processor + model (+ LoRA / QLoRA, freezing) -> datasets
 train: HF Trainer (DeepSpeed, checkpoints every sft.save_steps, resume after a kill),
        held-out VQA accuracy every sft.eval_steps
 save:  <run>/sft/final (stock-loadable model + processor + config), metrics.json
+
+What it trains on (data.supervision, vlm/data.py training_tasks): VQA, captions or both,
+whatever the dataset holds by default. VQA + captions mixes data.caption_ratio captions per
+VQA question; captions alone (COCO captions, Flickr30k) trains on every train caption and
+tracks the val captions' perplexity instead of VQA accuracy.
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ from vlm.data import (
     SupervisedDataset,
     caption_items,
     load_split,
+    split_exists,
+    training_tasks,
     vqa_items,
 )
 from vlm.features import FeatureStore, image_source
@@ -37,15 +44,19 @@ from stages.common import parse_stage_args, run_stage, write_json
 
 
 def corpus(config: RunConfig):
-    """Texts a from-scratch tokenizer is trained on: prompts, answers and captions of the train split."""
-    data_dir = config.data_dir
+    """Texts a from-scratch tokenizer is trained on: prompts, answers and captions of the train split.
+
+    Everything the dataset holds, whatever data.supervision trains on: a captions-only run
+    and a VQA + captions run on the same data get the same tokenizer."""
+    data_dir, split = config.data_dir, config.data.train_split
     prompt = config.data.prompt_template.format(question="")
     yield prompt + " " + config.data.caption_prompt
-    for record in load_split(data_dir, "vqa", config.data.train_split):
-        yield config.data.prompt_template.format(question=record["question"])
-        yield " ".join(record["answers"])
-    if (data_dir / "captions").exists():
-        for record in load_split(data_dir, "captions", config.data.train_split):
+    if split_exists(data_dir, "vqa", split):
+        for record in load_split(data_dir, "vqa", split):
+            yield config.data.prompt_template.format(question=record["question"])
+            yield " ".join(record["answers"])
+    if split_exists(data_dir, "captions", split):
+        for record in load_split(data_dir, "captions", split):
             yield record["caption"]
 
 
@@ -74,25 +85,33 @@ def setup_model(config: RunConfig, work_dir: Path):
     return prepare_for_training(model, processor, config.sft, base_dir, work_dir, "sft"), processor
 
 
-def setup_data(config: RunConfig, processor, model, work_dir: Path):
+def setup_data(config: RunConfig, processor, model, work_dir: Path, tasks: frozenset[str]):
+    """Training examples of `tasks` (training_tasks), the held-out records and the image source.
+
+    Held out: the val split's first sft.eval_samples VQA questions, or for captions alone
+    its first sft.eval_samples captions."""
     data = config.data
     images = image_source(data.feature_cache, config.data_dir, processor, model, config.sft.freeze_vision,
                           "the model being trained")
     rejects = RejectLog(work_dir / "rejects.jsonl", data.on_bad_record)
     (work_dir / "rejects.jsonl").unlink(missing_ok=True)
-    vqa_train = load_split(config.data_dir, "vqa", data.train_split)
-    if data.max_train_samples:
-        vqa_train = vqa_train.select(range(min(data.max_train_samples, len(vqa_train))))
-    source = str(config.data_dir / "vqa" / data.train_split)
-    items = list(vqa_items(vqa_train, data, source, rejects))
-    caption_examples = []
-    if data.caption_ratio > 0 and (config.data_dir / "captions").exists():
+    items, caption_examples, sources = [], [], []
+    if "vqa" in tasks:
+        vqa_train = load_split(config.data_dir, "vqa", data.train_split)
+        if data.max_train_samples:
+            vqa_train = vqa_train.select(range(min(data.max_train_samples, len(vqa_train))))
+        sources.append(str(config.data_dir / "vqa" / data.train_split))
+        items = list(vqa_items(vqa_train, data, sources[-1], rejects))
+    if "captions" in tasks:
         captions = load_split(config.data_dir, "captions", data.train_split)
-        count = int(len(vqa_train) * data.caption_ratio)
-        rng = random.Random(config.seed)
-        picks = [rng.randrange(len(captions)) for _ in range(count)]
-        caption_examples = list(caption_items(captions.select(picks), data,
-                                              str(config.data_dir / "captions" / data.train_split)))
+        if "vqa" in tasks:  # the mix: caption_ratio captions per VQA question, drawn at random
+            count = int(len(vqa_train) * data.caption_ratio)
+            rng = random.Random(config.seed)
+            captions = captions.select([rng.randrange(len(captions)) for _ in range(count)])
+        elif data.max_train_samples:  # a captioner: every caption (each image has several)
+            captions = captions.select(range(min(data.max_train_samples, len(captions))))
+        sources.append(str(config.data_dir / "captions" / data.train_split))
+        caption_examples = list(caption_items(captions, data, sources[-1]))
 
     def encode(examples):
         return SupervisedDataset(examples, processor.tokenizer, images, model.config.image_seq_length,
@@ -110,17 +129,19 @@ def setup_data(config: RunConfig, processor, model, work_dir: Path):
     else:
         dataset = encode(items + caption_examples)
     if len(dataset) == 0:
-        raise ValueError(f"no usable training examples in {source} (see {rejects.path})")
-    val = load_split(config.data_dir, "vqa", data.val_split)
+        raise ValueError(f"no usable training examples in {' and '.join(sources)} (see {rejects.path})")
+    val = load_split(config.data_dir, "vqa" if "vqa" in tasks else "captions", data.val_split)
     val_records = [val[i] for i in range(min(config.sft.eval_samples, len(val)))]
     return dataset, val_records, images, rejects
 
 
 class HeldOutAccuracy(TrainerCallback):
     """Official VQA accuracy on a slice of the val split every `eval_steps`, logged with
-    the training minutes it took to get there (eval time excluded)."""
+    the training minutes it took to get there (eval time excluded). A captions-only run
+    (`task` "captions") logs the val captions' perplexity instead."""
 
-    def __init__(self, config: RunConfig, processor, records, images, log_path: Path):
+    def __init__(self, config: RunConfig, processor, records, images, log_path: Path, task: str = "vqa"):
+        self.task = task
         self.config = config
         self.processor = processor
         self.records = records
@@ -154,6 +175,16 @@ class HeldOutAccuracy(TrainerCallback):
 
     def _evaluate(self, model, state):
         cfg = self.config
+        if self.task == "captions":
+            from stages.caption_eval import caption_perplexity
+
+            was_training = model.training
+            model.eval()
+            perplexity = caption_perplexity(model, self.processor, self.records, self.images, cfg.data,
+                                            cfg.eval.batch_size, RejectLog(None, "skip"))
+            model.train(was_training)
+            self._log(state, {"caption_perplexity": round(perplexity, 4)})
+            return
         predictions = answer_questions(
             model, self.processor, self.records, self.images, cfg.data.prompt_template,
             cfg.eval.decoding, cfg.eval.batch_size, cfg.data.max_length,
@@ -162,13 +193,15 @@ class HeldOutAccuracy(TrainerCallback):
             {"question_id": r["id"], "prediction": p, "answers": r["answers"]}
             for r, p in zip(self.records, predictions)
         )
-        entry = {"step": state.global_step, "train_seconds": round(self.train_seconds, 2),
-                 "vqa_accuracy": report.overall}
+        self._log(state, {"vqa_accuracy": report.overall})
+
+    def _log(self, state, values: dict):
+        entry = {"step": state.global_step, "train_seconds": round(self.train_seconds, 2), **values}
         if is_main_process():
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if self.trainer is not None:
-            self.trainer.log({"val_vqa_accuracy": report.overall})
+            self.trainer.log({f"val_{key}": value for key, value in values.items()})
 
 
 def train(config: RunConfig, callbacks=()) -> dict:
@@ -176,18 +209,20 @@ def train(config: RunConfig, callbacks=()) -> dict:
     work_dir = config.run_dir / "sft"
     work_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
+    tasks = training_tasks(config.data, config.data_dir)  # before a tokenizer is trained on a missing dataset
     model, processor = setup_model(config, work_dir)
-    dataset, val_records, images, rejects = setup_data(config, processor, model, work_dir)
+    dataset, val_records, images, rejects = setup_data(config, processor, model, work_dir, tasks)
     if is_main_process():
         print(
-            f"sft: {len(dataset)} examples ({rejects.count} rejected), "
+            f"sft: {len(dataset)} examples of {' + '.join(sorted(tasks))} ({rejects.count} rejected), "
             f"{count_parameters(model):,} parameters, {count_parameters(model, True):,} trainable",
             flush=True,
         )
         if isinstance(images, FeatureStore):
             print(f"sft: feature cache {images.path} (the vision tower is frozen and made it)", flush=True)
 
-    held_out = HeldOutAccuracy(config, processor, val_records, images, work_dir / "eval_log.jsonl")
+    held_out = HeldOutAccuracy(config, processor, val_records, images, work_dir / "eval_log.jsonl",
+                               "vqa" if "vqa" in tasks else "captions")
     trainer = build_trainer(model, processor, dataset, config.sft, work_dir, config.seed, [held_out, *callbacks])
     held_out.trainer = trainer
     result, seconds, final_dir = train_and_save(trainer, processor, config.sft, work_dir, to_dict(config), "sft")
@@ -196,6 +231,7 @@ def train(config: RunConfig, callbacks=()) -> dict:
         "train_loss": result.training_loss,
         "seconds": round(held_out.train_seconds or seconds, 2),
         "examples": len(dataset),
+        "tasks": sorted(tasks),
         "rejected": rejects.count,
         "checkpoint": str(final_dir),
         "log_history": trainer.state.log_history,

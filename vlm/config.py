@@ -102,7 +102,11 @@ class DataConfig:
     # this for VQA v2): the image is encoded once for several supervised answers.
     questions_per_example: int = 1
     caption_prompt: str = "Describe the image."
-    # Co-train on captions (dense supervision; LLaVA's alignment data).
+    # What SFT learns from (vlm/data.py training_tasks): auto (whatever the dataset holds:
+    # VQA, captions or both) | vqa | captions (a captioner: every train caption, no VQA;
+    # the pipeline then skips the stages that need VQA) | both.
+    supervision: str = "auto"
+    # Co-train on captions (dense supervision; LLaVA's alignment data) when VQA is there too.
     caption_ratio: float = 0.25  # caption examples per VQA question
     max_length: int = 96
     on_bad_record: str = "skip"  # skip (counted, written to rejects.jsonl) | error
@@ -494,6 +498,7 @@ def _check_choices(config: RunConfig) -> None:
     choices = {
         "data.source": (config.data.source, {"synthetic", "disk"}),
         "data.on_bad_record": (config.data.on_bad_record, {"skip", "error"}),
+        "data.supervision": (config.data.supervision, {"auto", "vqa", "captions", "both"}),
         "eval.decoding.strategy": (config.eval.decoding.strategy, {"greedy", "sample", "beam"}),
         "launcher": (config.launcher, {"none", "torchrun", "deepspeed"}),
         "sft.lora.quantize_bits": (config.sft.lora.quantize_bits, {None, 4, 8}),
@@ -538,6 +543,10 @@ class Stage:
     module: str
     # A training stage: started under torchrun / the DeepSpeed launcher when `launcher` says so.
     distributed: bool = False
+    # What the stage needs of the data, else the pipeline skips it saying why: "vqa" (it asks the
+    # SFT model VQA questions or learns from its answers; not when SFT trains on captions alone),
+    # "captions" (it scores captions: not without a captions split), or None.
+    needs: str | None = None
 
 
 # The pipeline's stages in the order they run. A new stage is its module plus one line here.
@@ -545,14 +554,14 @@ STAGES = {
     "prep": Stage("stages.prep"),
     "vision": Stage("stages.vision"),
     "sft": Stage("stages.sft", distributed=True),
-    "sample": Stage("stages.sample"),
-    "autolabel": Stage("stages.autolabel"),
-    "rm": Stage("stages.rm", distributed=True),
-    "ppo": Stage("stages.ppo", distributed=True),
-    "instruct": Stage("stages.instruct", distributed=True),
-    "eval": Stage("stages.evaluate"),
-    "caption_eval": Stage("stages.caption_eval"),
-    "retrieval_eval": Stage("stages.retrieval_eval"),
+    "sample": Stage("stages.sample", needs="vqa"),
+    "autolabel": Stage("stages.autolabel", needs="vqa"),
+    "rm": Stage("stages.rm", distributed=True, needs="vqa"),
+    "ppo": Stage("stages.ppo", distributed=True, needs="vqa"),
+    "instruct": Stage("stages.instruct", distributed=True, needs="vqa"),
+    "eval": Stage("stages.evaluate", needs="vqa"),
+    "caption_eval": Stage("stages.caption_eval", needs="captions"),
+    "retrieval_eval": Stage("stages.retrieval_eval", needs="captions"),
 }
 
 

@@ -408,6 +408,39 @@ def conversation_items(records, data, source: str, rejects: RejectLog):
         yield record.get("id"), source, record.get("image"), turns
 
 
+def split_exists(dataset_dir: Path, kind: str, split: str) -> bool:
+    """Whether a dataset dir holds `kind` (vqa, captions, conversations) with that split."""
+    index = Path(dataset_dir) / kind / "dataset_dict.json"
+    return index.is_file() and split in json.loads(index.read_text()).get("splits", [])
+
+
+TASKS = ("vqa", "captions")
+
+
+def training_tasks(data, dataset_dir: Path) -> frozenset[str]:
+    """What SFT trains on, {"vqa"}, {"captions"} or both: data.supervision, checked against
+    what the train split of `dataset_dir` holds. `auto` takes whatever is there (captions
+    beside VQA only when data.caption_ratio > 0); a named kind that is missing is an error
+    naming the path, so a captioner config never trains on nothing."""
+    split = data.train_split
+    held = {kind for kind in TASKS if split_exists(dataset_dir, kind, split)}
+    if data.supervision == "auto":
+        tasks = held - ({"captions"} if "vqa" in held and data.caption_ratio <= 0 else set())
+    else:
+        tasks = set(TASKS) if data.supervision == "both" else {data.supervision}
+        missing = sorted(tasks - held)
+        if missing:
+            raise FileNotFoundError(f"data.supervision={data.supervision} needs "
+                                    f"{' and '.join(f'{dataset_dir}/{kind}/{split}' for kind in missing)}, "
+                                    f"which is not there (the dataset holds {sorted(held) or 'neither'})")
+        if data.supervision == "both" and data.caption_ratio <= 0:
+            raise ValueError("data.supervision=both mixes captions in at data.caption_ratio, which is 0")
+    if not tasks:
+        raise FileNotFoundError(f"{dataset_dir}: no vqa/{split} or captions/{split} split to train on; run the "
+                                f"prep stage or convert a dataset into it (data_prep/README.md)")
+    return frozenset(tasks)
+
+
 def load_split(dataset_dir: Path, kind: str, split: str):
     """One split of a dataset in the project's schema (data_prep/README.md)."""
     from datasets import load_from_disk

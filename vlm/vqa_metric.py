@@ -87,7 +87,9 @@ scores JSON lines ``{"question_id", "prediction", "answers": [10 strings],
 "answer_type"?, "question_type"?}``.  ``python -m vlm.vqa_metric score
 --results R.json --annotations A.json [--questions Q.json]`` scores the
 official result / annotation files.  The last line printed is always
-``VQA accuracy: NN.NN``.  Bad input exits with status 2 and a message naming
+``VQA accuracy: NN.NN``.  ``score --results R.json --questions Q.json``
+(no annotations: test-dev / test) only checks a results file for submission
+(:func:`check_results`).  Bad input exits with status 2 and a message naming
 the file, the line or record, and the field.
 """
 
@@ -225,6 +227,27 @@ def normalize_answer(text: str) -> str:
     applies first and unconditionally.
     """
     return process_digit_article(process_punctuation(text))
+
+
+def submission_answer(text: str) -> str:
+    """An answer as it goes into a results file for the VQA challenge server.
+
+    The challenge's answer processor (EvalAI's, copied by LLaVA's
+    ``EvalAIAnswerProcessor`` for its VQA v2 submissions) is this normalisation
+    applied unconditionally: whitespace, punctuation, lower case, number words
+    to digits, articles dropped ("Two dogs." -> "2 dogs").  It also deletes
+    every "," and "?" before the punctuation step and splits "'s" off
+    ("man's" -> "man 's"); we leave both to the official normalisation, which
+    the server applies again when the humans disagree."""
+    return normalize_answer(clean_whitespace(text))
+
+
+def official_question_id(record_id: QuestionId) -> QuestionId:
+    """A question id as the official files write it: VQA v2's are integers, which the
+    converters store as decimal strings; other ids (the built-in data's) stay strings."""
+    if isinstance(record_id, str) and record_id.isascii() and record_id.isdigit():
+        return int(record_id)
+    return record_id
 
 
 # ---------------------------------------------------------------------------
@@ -545,6 +568,46 @@ def read_official_pair(results_json: str | os.PathLike, annotations_json: str | 
     return [dict(record, prediction=predictions[qid]) for qid, record in annotated.items()]
 
 
+def read_question_ids(questions_json: str | os.PathLike) -> list[QuestionId]:
+    """The question ids of an official questions file, in file order (duplicates are an error)."""
+    path = os.fspath(questions_json)
+    ids: list[QuestionId] = []
+    seen: set = set()
+    for number, question in enumerate(_object_list(_load_json(path), "questions", path), 1):
+        qid, where = _official_record_id(question, f"{path}: record {number}")
+        if qid in seen:
+            raise ValueError(f"{where}: field 'question_id': duplicate question_id {qid!r}")
+        seen.add(qid)
+        ids.append(qid)
+    return ids
+
+
+def check_results(results: Any, question_ids: Iterable[QuestionId], results_name: str,
+                  questions_name: str) -> int:
+    """The rules the challenge server and the official loader (``VQA.loadRes``) apply to a
+    results file: a JSON array of ``{"question_id", "answer": string}``, exactly one result
+    per question of the questions file, no other ids.  Returns the number of results;
+    a broken rule is a ValueError naming the file, the record and the field."""
+    expected = set(question_ids)
+    seen: set = set()
+    for number, result in enumerate(_object_list(results, None, results_name), 1):
+        qid, where = _official_record_id(result, f"{results_name}: record {number}")
+        if qid not in expected:
+            raise ValueError(f"{where}: field 'question_id': not in {questions_name}")
+        if qid in seen:
+            raise ValueError(f"{where}: field 'question_id': duplicate question_id {qid!r}")
+        if not isinstance(result.get("answer"), str):
+            raise ValueError(f"{where}: field 'answer': expected a string, got {_describe(result.get('answer'))}")
+        seen.add(qid)
+    missing = [qid for qid in question_ids if qid not in seen]
+    if missing:
+        sample = ", ".join(repr(q) for q in missing[:5])
+        raise ValueError(f"{results_name}: no result for {len(missing)} of {len(expected)} questions of "
+                         f"{questions_name} (question_id {sample}{', ...' if len(missing) > 5 else ''}); "
+                         f"the server needs exactly one answer per question")
+    return len(seen)
+
+
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
@@ -590,7 +653,9 @@ input formats:
                    "answers": [{"answer": ..., "answer_confidence": ..., "answer_id": ...}
                    x 10], "answer_type": ..., "question_type": ..., ...}]}
                    (one result per annotated question is required)
-  --questions      official questions file (optional, checked for consistency)
+  --questions      official questions file (optional, checked for consistency);
+                   --results R.json --questions Q.json alone checks a submission
+                   (test-dev / test: no annotations) and scores nothing
 
 output:
   a table of accuracy (percent) overall, per answer type and per question type;
@@ -624,8 +689,9 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
     official = args.results is not None or args.annotations is not None
     if args.predictions is not None and (official or args.questions is not None):
         parser.error("give either PRED.jsonl or --results/--annotations, not both")
-    if args.predictions is None and not (args.results and args.annotations):
-        parser.error("give PRED.jsonl, or both --results and --annotations")
+    if args.predictions is None and not (args.results and (args.annotations or args.questions)):
+        parser.error("give PRED.jsonl, or --results with --annotations (and optionally --questions), "
+                     "or --results with --questions to check a submission")
     return args
 
 
@@ -637,6 +703,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error already reported by argparse
         return exc.code if isinstance(exc.code, int) else 2
     try:
+        if args.annotations is None and args.predictions is None:  # a submission: nothing to score
+            count = check_results(_load_json(args.results), read_question_ids(args.questions), args.results,
+                                  args.questions)
+            print(f"{args.results}: valid results file, one answer for each of the {count} questions "
+                  f"of {args.questions}")
+            return 0
         if args.predictions is not None:
             records = read_prediction_jsonl(args.predictions)
         else:
