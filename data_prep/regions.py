@@ -10,7 +10,7 @@ import torch
 from data_prep.synthetic import COLOURS, SHAPES, caption_regions
 from vlm.config import RunConfig
 from vlm.data import check_image_path, load_rgb, load_split
-from vlm.vision import RegionTargets, cell_probe, encode_patches, identity_image_processor, region_targets
+from vlm.vision import RegionTargets, cell_probe, encode_patches, clip_image_processor, region_targets
 
 CLASSES = {"colour": list(COLOURS), "shape": list(SHAPES)}
 
@@ -24,7 +24,7 @@ def load_regions(config: RunConfig, split: str, limit: int | None = None) -> tup
     captions = load_split(config.data_dir, "captions", split)
     if limit is not None:
         captions = captions.select(range(min(limit, len(captions))))
-    processor = identity_image_processor(model.image_size)
+    processor = clip_image_processor(model.image_size)
     images, regions = [], []
     source = config.data_dir / "captions" / split
     for number, record in enumerate(captions):

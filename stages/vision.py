@@ -33,7 +33,7 @@ from data_prep.regions import load_regions, probe_towers
 from stages.common import parse_stage_args, run_stage, write_json
 from vlm.config import RunConfig
 from vlm.model import scratch_configs
-from vlm.vision import RegionHeads, batch_indices, cosine_lr, identity_image_processor, patch_tokens, region_loss
+from vlm.vision import RegionHeads, batch_indices, cosine_lr, clip_image_processor, patch_tokens, region_loss
 
 
 def new_tower(config: RunConfig, seed: int) -> CLIPVisionModel:
@@ -124,7 +124,7 @@ def save_tower(tower: CLIPVisionModel, config: RunConfig, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tower.save_pretrained(tmp)
-    identity_image_processor(config.model.image_size).save_pretrained(tmp)
+    clip_image_processor(config.model.image_size).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
@@ -137,7 +137,7 @@ def cache_features(config: RunConfig) -> dict:
         from vlm.features import signature
 
         tower = CLIPVisionModel.from_pretrained(config.vision_final)
-        processor = identity_image_processor(config.model.image_size)
+        processor = clip_image_processor(config.model.image_size)
         expected = signature(tower, processor, config.model.vision_feature_layer)
         if json.loads(meta.read_text()).get("signature") != expected:
             print(f"vision: {out} was made by an earlier tower; rebuilding it", flush=True)

@@ -73,7 +73,7 @@ def test_a_test_dev_split_gets_a_validated_submission_file_and_no_scores(tmp_pat
     from stages import evaluate
 
     q, _, out = test_dev
-    config = load_config(REPO / "configs/default.yaml", [f"output_root={tmp_path}", "name=sub", "data.source=disk",
+    config = load_config(REPO / "configs/default.yaml", [f"output_root={tmp_path}", "name=sub", "data.source=disk", "data.feature_cache=null",
                                                           f"data.dir={out}", "eval.split=test_dev"])
     metrics = evaluate.evaluate(config, saved_tiny_model, "test-dev")
     eval_dir = tmp_path / "sub" / "eval" / "test-dev"
@@ -101,7 +101,7 @@ def test_a_question_the_converter_rejected_stops_the_submission_naming_it(tmp_pa
     questions["questions"].append({"image_id": 3, "question": "Where is its image?", "question_id": 3000})
     q.write_text(json.dumps(questions))
     assert prep("vqav2", "--questions", q, "--images", images, "--out", out) == 0  # 3000: "image not found"
-    config = load_config(REPO / "configs/default.yaml", [f"output_root={tmp_path}", "name=sub", "data.source=disk",
+    config = load_config(REPO / "configs/default.yaml", [f"output_root={tmp_path}", "name=sub", "data.source=disk", "data.feature_cache=null",
                                                           f"data.dir={out}", "eval.split=test_dev"])
     with pytest.raises(ValueError, match=rf"no result for 1 of 4 questions of {q} \(question_id 3000\)"):
         evaluate.evaluate(config, saved_tiny_model, "test-dev")
@@ -116,7 +116,7 @@ def test_a_split_with_answers_writes_the_same_file_beside_its_scores(tmp_path, t
     from stages import evaluate
     from vlm.data import load_split
 
-    overrides = [f"output_root={tmp_path}", "name=scored", f"data.dir={tiny_data_dir}"]
+    overrides = [f"output_root={tmp_path}", "name=scored", f"data.dir={tiny_data_dir}", "data.feature_cache=null"]
     config = load_config(REPO / "configs/default.yaml", overrides)
     metrics = evaluate.evaluate(config, saved_tiny_model, "sft")
     eval_dir = tmp_path / "scored" / "eval" / "sft"

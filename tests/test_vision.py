@@ -40,20 +40,22 @@ def _normalised(image: Image.Image) -> np.ndarray:
 @pytest.mark.parametrize("backend", ["pil", "torchvision"])
 def test_the_image_processor_only_normalises_at_the_built_in_size(backend, tmp_path):
     """Whatever backend stock transformers picks when it loads the saved processor, an image at
-    the model's size reaches the tower pixel for pixel: no resize, no crop."""
+    the model's size reaches the tower pixel for pixel: its resize and crop change nothing."""
     from transformers import AutoImageProcessor
 
-    from vlm.vision import identity_image_processor
+    from vlm.vision import clip_image_processor
 
     if backend == "torchvision":
         pytest.importorskip("torchvision", reason="torchvision's fast processor is not installed here")
-    identity_image_processor(48).save_pretrained(tmp_path)
+    clip_image_processor(48).save_pretrained(tmp_path)
     processor = AutoImageProcessor.from_pretrained(tmp_path, use_fast=backend == "torchvision")
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
     pixels = processor(images=[image], return_tensors="pt")["pixel_values"][0]
     assert pixels.shape == (3, 48, 48)
     assert np.allclose(pixels.numpy(), _normalised(image), atol=1e-5)
+    # ... while an image of another size is still brought to the tower's
+    assert processor(images=[image.resize((96, 72))], return_tensors="pt")["pixel_values"].shape == (1, 3, 48, 48)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from vlm.config import ModelConfig
-from vlm.vision import identity_image_processor
+from vlm.vision import clip_image_processor
 from vlm import projectors  # registers the non-default projector types with transformers' Auto classes
 
 IMAGE_TOKEN = "<image>"
@@ -99,7 +99,7 @@ def build_processor(config: ModelConfig, corpus: Iterable[str] | None = None) ->
         image_processor = CLIPImageProcessor.from_pretrained(config.vision_model)
         patch_size = CLIPVisionConfig.from_pretrained(config.vision_model).patch_size
     else:
-        image_processor = identity_image_processor(config.image_size)
+        image_processor = clip_image_processor(config.image_size)
         patch_size = config.patch_size
     return LlavaProcessor(
         image_processor=image_processor,

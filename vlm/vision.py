@@ -29,11 +29,13 @@ from transformers import CLIPImageProcessor, CLIPVisionModel
 NOTHING = "nothing"  # the class of an empty region
 
 
-def identity_image_processor(size: int) -> CLIPImageProcessor:
-    """A CLIP processor that only rescales and normalises: images already at `size` are not
-    resized or cropped, so one image pixel stays one input pixel whatever the backend."""
-    return CLIPImageProcessor(do_resize=False, do_center_crop=False, size={"shortest_edge": size},
-                              crop_size={"height": size, "width": size})
+def clip_image_processor(size: int) -> CLIPImageProcessor:
+    """CLIP's preprocessing for a tower of `size` px: shortest edge to `size`, centre crop, normalise.
+
+    At `size` itself the resize and the crop change nothing, so one image pixel stays one input
+    pixel (the built-in images are made at the model's size; tested with each installed
+    backend), while images of other sizes (a converted dataset) are still brought to it."""
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 @dataclass
