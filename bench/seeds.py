@@ -7,8 +7,9 @@ initialisation, batch order) or another CPU gives another figure: the built-in r
 75.95 with seed 0 and 69.71 with seed 1 on one box. So a headline figure is a mean +- sd over
 seeds. The data stays the same for every seed (data.synthetic.seed is pinned to the config's
 seed), so the spread is the training's alone. Each seed runs the config's stages up to eval
-(prep, vision when the config has it, sft, eval) through the pipeline, into <run>-seed<N>;
-finished seeds are skipped on a re-run, as the pipeline skips finished stages.
+(prep, vision when the config has it, sft, eval) through the pipeline, into <run>-seed<N>; the
+config's own seed is the config's own run (<run>, so a finished ./launch.sh counts as one seed),
+and finished stages are skipped on a re-run, as the pipeline skips them.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ RECIPE_STAGES = ("prep", "vision", "sft", "eval")
 
 def run_seed(config_path: str, overrides: list[str], seed: int) -> dict:
     config = load_config(config_path, overrides)
-    seed_overrides = [*overrides, f"seed={seed}", f"name={config.name}-seed{seed}",
-                      f"data.synthetic.seed={config.data.synthetic.get('seed', config.seed)}",
-                      f"data.dir={config.data_dir}"]  # one dataset for every seed
+    seed_overrides = list(overrides)
+    if seed != config.seed:  # the config's own seed is the config's own run (./launch.sh made it: reused)
+        seed_overrides += [f"seed={seed}", f"name={config.name}-seed{seed}",
+                           f"data.synthetic.seed={config.data.synthetic.get('seed', config.seed)}",
+                           f"data.dir={config.data_dir}"]  # one dataset for every seed
     seeded = load_config(config_path, seed_overrides)
     stages = [s for s in RECIPE_STAGES if s in seeded.stages]
     started = time.perf_counter()

