@@ -284,6 +284,8 @@ class LabelStore:
         """Append one label; returns its id once the label is on disk."""
         if not isinstance(sample_id, int) or isinstance(sample_id, bool):
             raise StoreError("field 'sample_id' must be an integer")
+        if not -2**63 <= sample_id < 2**63:  # beyond SQLite's integers: no sample has it (and binding it overflows)
+            raise UnknownSample(f"unknown sample_id {sample_id}")
         labeler = check_labeler(labeler, allow_auto)
         check_label(label)
         pending = _PendingLabel((sample_id, labeler, label, time.time() if at is None else at))

@@ -32,6 +32,7 @@ COMMANDS = {
     "rm": ("stages.rm", "train the multimodal reward model on exported labels, with baselines"),
     "ppo": ("stages.ppo", "PPO of the SFT policy against the reward model, images in every forward (trl 1.12)"),
     "bench-ppo": ("bench.ppo_throughput", "PPO rollout and update throughput (samples/s) of default and GPT-2 124M sized models"),
+    "bench-chaos": ("bench.chaos", "SIGKILL a staged run at random moments, resume it, compare with an uninterrupted run"),
 }
 
 
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "bench" and rest and f"bench-{rest[0]}" in COMMANDS:  # `vqa-rlhf bench chaos` = `bench-chaos`
+        name, rest = f"bench-{rest[0]}", rest[1:]
     if name not in COMMANDS:
         print(f"vqa-rlhf: unknown subcommand '{name}'\n\n{usage()}", file=sys.stderr)
         return 2

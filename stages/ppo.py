@@ -160,6 +160,7 @@ class VisionPPOTrainer(PPOTrainer):
         self.max_grad_norm = max_grad_norm
         self.on_update = on_update  # (trainer, update, rollout, metrics) -> None; may add to metrics
         self.start_update = 0
+        self.train_seconds = 0.0  # across resumes: a resumed run starts from its checkpoint's count
 
     # -- forwards, all with the image
 
@@ -308,7 +309,7 @@ class VisionPPOTrainer(PPOTrainer):
         batches = self._batches()
         for _ in range(self.start_update):  # skip what a resumed run already trained on
             next(batches)
-        started = time.time()
+        started, seconds_before = time.time(), self.train_seconds
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)  # progress bar
         for update in range(self.start_update, args.num_total_batches):
             torch.manual_seed(self.local_seed + update)  # sampling draws the same after a resume
@@ -317,6 +318,7 @@ class VisionPPOTrainer(PPOTrainer):
                 advantages, returns, values, kl, non_score_reward = self.advantages(rollout)
             stats = self.ppo_update(rollout, advantages, returns, values, update)
             self.lr_scheduler.step()
+            self.train_seconds = seconds_before + time.time() - started
             self.state.global_step = update + 1
             self.state.episode += args.batch_size
             gather = lambda t: accelerator.gather_for_metrics(t).float().mean().item()
@@ -331,7 +333,7 @@ class VisionPPOTrainer(PPOTrainer):
                 "approxkl": stats["approxkl"], "clipfrac": stats["clipfrac"], "pg_loss": stats["pg_loss"],
                 "vf_loss": stats["vf_loss"], "ratio": stats["ratio"],
                 "lr": self.lr_scheduler.get_last_lr()[0],
-                "seconds": round(time.time() - started, 2),
+                "seconds": round(self.train_seconds, 2),
             }
             if self.on_update is not None:
                 self.on_update(self, update + 1, rollout, metrics)
@@ -497,7 +499,7 @@ class PPORun:
             save_file(state, str(tmp / "model.safetensors"))
             torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps({"update": update}))
+            (tmp / "state.json").write_text(json.dumps({"update": update, "seconds": trainer.train_seconds}))
             os.replace(tmp, final)
             for old in sorted(self._complete_checkpoints(), key=_update_of)[:-2]:
                 shutil.rmtree(old)
@@ -524,6 +526,7 @@ class PPORun:
                                    f"unexpected {unexpected[:5]}")
             trainer.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
             trainer.lr_scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+            trainer.train_seconds = json.loads((latest / "state.json").read_text()).get("seconds", 0.0)
             if trainer.accelerator.is_main_process:
                 print(f"ppo: resuming from {latest}", flush=True)
         if trainer.accelerator.is_main_process:
@@ -559,9 +562,8 @@ def train(config: RunConfig) -> dict:
         if trainer.accelerator.is_main_process:
             with open(run.log_path, "a") as f:
                 f.write(json.dumps({"step": 0, "val_vqa_accuracy": accuracy}) + "\n")
-    started = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - started
+    seconds = trainer.train_seconds  # across resumes
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
     metrics: dict = {}

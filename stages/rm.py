@@ -14,7 +14,6 @@ save:  <out>/final (RewardModel.save_pretrained + processor), <out>/metrics.json
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from transformers import AutoProcessor, set_seed
@@ -22,10 +21,12 @@ from transformers import AutoProcessor, set_seed
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache
 from vlm.train import (
+    TrainingClock,
     apply_lora,
     gathered_parameters,
     is_main_process,
     last_complete_checkpoint,
+    mean_logged_loss,
     part_learning_rates,
     set_trainable,
     training_arguments,
@@ -87,14 +88,16 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
               f"{rm.objective}: {len(dataset)} training examples", flush=True)
 
     checkpoints = out_dir / "checkpoints"
+    clock = TrainingClock()
     trainer = RewardTrainer(
         model=model, args=training_arguments(rm, checkpoints, config.seed), train_dataset=dataset,
-        data_collator=collator, part_lrs=part_learning_rates(rm), objective=rm.objective,
+        data_collator=collator, part_lrs=part_learning_rates(rm), objective=rm.objective, callbacks=[clock],
     )
     resume_from = last_complete_checkpoint(checkpoints) if rm.resume else None
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - started
+    if resume_from and is_main_process():
+        print(f"rm: resuming from {resume_from}", flush=True)
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = clock.seconds  # across resumes
 
     final_model = trainer.model
     from peft import PeftModel
@@ -110,7 +113,8 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     metrics.update({
         "objective": rm.objective, "labels": str(labels_dir), "base": str(base),
         "train_labels": len(train_rows), "heldout_labels": len(heldout_rows),
-        "steps": trainer.state.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 2),
+        "steps": trainer.state.global_step, "train_loss": mean_logged_loss(trainer.state.log_history),
+        "seconds": round(seconds, 2),
         "checkpoint": str(out_dir / "final"),
         "baselines": evaluate_baselines(train_rows, heldout_rows, families) if is_main_process() else {},
     })
