@@ -180,7 +180,12 @@ class LabelStore:
 
         def __exit__(self, kind, exc, tb):
             try:
-                self.store._db.execute("COMMIT" if kind is None else "ROLLBACK")
+                if kind is None:
+                    self.store._db.execute("COMMIT")
+                elif self.store._db.in_transaction:
+                    # SQLite has rolled back already after some errors (SQLITE_FULL: a full disk);
+                    # a second ROLLBACK would fail and hide the error that matters.
+                    self.store._db.execute("ROLLBACK")
             finally:
                 self.store._lock.release()
 
