@@ -12,7 +12,9 @@ would do, at one of three kinds of moment:
 
   inside      a uniform random offset into the stage, up to the reference run's duration of it
   checkpoint  while a checkpoint or final model is on disk half-written (a `checkpoint-N` without
-              trainer_state.json, or a `*.tmp` dir or file); stages that checkpoint only
+              trainer_state.json, or a `*.tmp` dir or file): the n-th such write of the stage, n drawn
+              up to the reference's checkpoints + 1, so later kills resume from a checkpoint;
+              stages that checkpoint only
   between     the moment the stage's done.json appears, before the next stage (or the report) starts
 
 After each kill the same `./launch.sh` command runs again, until it exits 0. The stages, their
@@ -185,6 +187,7 @@ def run_with_faults(command: list[str], run_dir: Path, faults: list[dict], durat
         launch = Launch(command, log)
         fault = pending[0] if pending else None
         current, stage_started, deadline, fired = None, None, None, None
+        writes_seen: list[Path] = []  # distinct half-written paths seen in the fault's stage
         while launch.process.poll() is None:
             for line in launch.new_lines():
                 stage = started_stage(line)
@@ -198,7 +201,9 @@ def run_with_faults(command: list[str], run_dir: Path, faults: list[dict], durat
                     moment = f"{time.monotonic() - stage_started:.2f} s into {current}"
                 elif fault["kind"] == "checkpoint" and current == fault["stage"]:
                     partial = half_written(run_dir, leftovers)
-                    if partial is not None:
+                    if partial is not None and partial not in writes_seen:
+                        writes_seen.append(partial)
+                    if partial is not None and len(writes_seen) >= fault.get("nth", 1):
                         moment = f"writing {partial.relative_to(run_dir)}"
                 elif fault["kind"] == "between" and (run_dir / fault["stage"] / "done.json").is_file():
                     moment = f"after {fault['stage']} finished"
@@ -329,16 +334,21 @@ def diff_paths(a, b, path="") -> list[str]:
 
 # -- the benchmark ----------------------------------------------------------------------------------
 
-def plan(stages: list[str], checkpointing: set[str], kills: int, runs: int, rng: random.Random) -> list[list[dict]]:
+def plan(stages: list[str], checkpoints: dict[str, int], kills: int, runs: int,
+         rng: random.Random) -> list[list[dict]]:
     """`kills` faults over `runs` runs: stages in turn (in a seeded order, so every stage gets
-    faults once there are at least as many kills as stages), a kind drawn per fault."""
+    faults once there are at least as many kills as stages), a kind drawn per fault.
+    `checkpoints`: how many checkpoints each stage that checkpoints wrote in the reference run."""
     order = stages[:]
     rng.shuffle(order)
     per_run: list[list[dict]] = [[] for _ in range(runs)]
     for index in range(kills):
         stage = order[index % len(order)]
-        kinds = [k for k in KINDS if k != "checkpoint" or stage in checkpointing]
-        per_run[index % runs].append({"stage": stage, "kind": rng.choice(kinds)})
+        kinds = [k for k in KINDS if k != "checkpoint" or checkpoints.get(stage)]
+        fault = {"stage": stage, "kind": rng.choice(kinds)}
+        if fault["kind"] == "checkpoint":  # which write: a checkpoint, or the final model after them
+            fault["nth"] = rng.randint(1, checkpoints[stage] + 1)
+        per_run[index % runs].append(fault)
     return per_run
 
 
@@ -381,8 +391,9 @@ def main(argv=None) -> int:
 
     reference, stages, durations = reference_run(command(out / "reference"), out)
     relative = reference.relative_to(out / "reference")
-    checkpointing = {s for s in stages if (reference / s / "checkpoints").is_dir()}
-    faults = plan(stages, checkpointing, args.kills, runs, rng)
+    checkpoints = {s: len(complete_checkpoints(reference / s)) for s in stages
+                   if (reference / s / "checkpoints").is_dir()}
+    faults = plan(stages, checkpoints, args.kills, runs, rng)
 
     results = []
     for index, run_faults in enumerate(faults):

@@ -13,14 +13,18 @@ STAGES = ["prep", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval",
 
 
 def test_faults_cover_every_stage_and_checkpoint_faults_go_only_to_stages_that_checkpoint():
-    plan = chaos.plan(STAGES, {"sft", "rm", "ppo", "instruct"}, kills=20, runs=20, rng=random.Random(0))
+    checkpoints = {"sft": 2, "rm": 2, "ppo": 1, "instruct": 2}
+    plan = chaos.plan(STAGES, checkpoints, kills=20, runs=20, rng=random.Random(0))
     faults = [fault for run in plan for fault in run]
     assert len(plan) == 20 and all(len(run) == 1 for run in plan)
     assert {f["stage"] for f in faults} == set(STAGES)
-    assert {f["stage"] for f in faults if f["kind"] == "checkpoint"} <= {"sft", "rm", "ppo", "instruct"}
-    assert plan == chaos.plan(STAGES, {"sft", "rm", "ppo", "instruct"}, 20, 20, random.Random(0))  # seeded
+    at_checkpoints = [f for f in faults if f["kind"] == "checkpoint"]
+    assert {f["stage"] for f in at_checkpoints} <= set(checkpoints)
+    # the n-th write of the stage: one of its checkpoints or the final model after them
+    assert all(1 <= f["nth"] <= checkpoints[f["stage"]] + 1 for f in at_checkpoints)
+    assert plan == chaos.plan(STAGES, checkpoints, 20, 20, random.Random(0))  # seeded
     # fewer runs than kills: several faults per run
-    assert [len(run) for run in chaos.plan(STAGES, set(), 7, 3, random.Random(1))] == [3, 2, 2]
+    assert [len(run) for run in chaos.plan(STAGES, {}, 7, 3, random.Random(1))] == [3, 2, 2]
 
 
 def test_report_figures_leave_out_timings_and_the_runs_own_paths(tmp_path):
