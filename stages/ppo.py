@@ -46,6 +46,7 @@ from trl.trainer.utils import selective_log_softmax
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, check_vqa_record, load_split, prompt_ids, vqa_prompt
 from vlm.features import FeatureCacheMismatch, FeatureStore, image_inputs, image_source, model_signature
+from vlm.files import writing
 from vlm.generate import answer_questions
 from vlm.model import load_model
 from vlm.train import apply_lora, save_final, set_trainable
@@ -496,10 +497,11 @@ class PPORun:
             # critic_backbone is the value model's backbone under a second name: saved once.
             state = {k: v.contiguous() for k, v in accelerator.unwrap_model(trainer.model).state_dict().items()
                      if not k.startswith("critic_backbone.")}
-            save_file(state, str(tmp / "model.safetensors"))
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps({"update": update, "seconds": trainer.train_seconds}))
+            with writing(tmp):  # a full disk: one clear error; update-N.tmp is never resumed from
+                save_file(state, str(tmp / "model.safetensors"))
+                torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "state.json").write_text(json.dumps({"update": update, "seconds": trainer.train_seconds}))
             os.replace(tmp, final)
             for old in sorted(self._complete_checkpoints(), key=_update_of)[:-2]:
                 shutil.rmtree(old)

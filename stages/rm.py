@@ -20,6 +20,7 @@ from transformers import AutoProcessor, set_seed
 
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache
+from vlm.files import writing
 from vlm.train import (
     TrainingClock,
     apply_lora,
@@ -134,9 +135,10 @@ def save_reward_model(model, processor, out_dir: Path, run_config: dict) -> None
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    processor.save_pretrained(str(tmp))
-    (tmp / "training_config.json").write_text(json.dumps(run_config, indent=2))
+    with writing(out_dir.parent):  # a full disk: one clear error, the model before (if any) kept
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        (tmp / "training_config.json").write_text(json.dumps(run_config, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -1,16 +1,20 @@
 """A full disk (ENOSPC) during a checkpoint, a metrics file or a label write: a clear error, nothing
 written before it damaged, and the run continues once there is space again.
 
-The disk fills up by injection: an OSError(ENOSPC) from the writer, as the kernel raises it
-(a size-limited tmpfs needs root to mount), and for the label store SQLite's own page limit,
-which fails a write the same way a full disk does (SQLITE_FULL, "database or disk is full").
+The disk fills up for real where the tests may mount a size-limited tmpfs (root), and by
+injection everywhere: an OSError(ENOSPC) from the writer, as the kernel raises it, and for the
+label store SQLite's own page limit, which fails a write the same way a full disk does
+(SQLITE_FULL, "database or disk is full"). The real one matters: on a full disk torch.save raises
+a RuntimeError that does not say ENOSPC (vlm.files.writing turns it into one).
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shutil
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -71,6 +75,61 @@ def test_a_full_disk_during_an_sft_checkpoint_is_one_clear_error_and_the_run_res
     b = load_file(tmp_path / "full" / "sft" / "final" / "model.safetensors")
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert json.loads((tmp_path / "full" / "sft" / "metrics.json").read_text())["steps"] == 6
+
+
+def disk_bytes(directory: Path, leave_out=()) -> int:
+    """What the files under `directory` take on a tmpfs (whole pages), without those under `leave_out`."""
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in directory.rglob("*")
+               if f.is_file() and not any(part in leave_out for part in f.relative_to(directory).parts))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A mount point for a size-limited tmpfs: mount(bytes), remount(bytes). Needs root; skipped elsewhere."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+
+    def mount(size: int, *options: str):
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([*options, f"size={size}"]), "tmpfs",
+                               str(mountpoint)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+    yield mountpoint, mount
+    # lazily: the TensorBoard writer of the in-process runs may still hold a file open there
+    subprocess.run(["umount", "--lazy", str(mountpoint)], capture_output=True)
+
+
+def test_a_really_full_disk_during_an_sft_checkpoint_is_one_clear_error_and_the_run_resumes_once_there_is_space(
+        tiny_overrides, tmp_path, small_disk, capsys):
+    from stages import sft
+    from stages.common import run_stage
+
+    overrides = [*tiny_overrides, "sft.steps=6", "sft.save_steps=2", "sft.save_total_limit=5"]
+    assert run_stage(sft.main, [str(DEFAULT_CONFIG), *overrides, "name=straight"]) == 0
+    straight = tmp_path / "straight" / "sft"
+    # Room for everything the run writes before checkpoint-4, and for half of checkpoint-4.
+    size = disk_bytes(straight, {"checkpoint-4", "checkpoint-6", "final", "metrics.json"}) \
+        + disk_bytes(straight / "checkpoints" / "checkpoint-4") // 2
+    mountpoint, mount = small_disk
+    mount(size)
+    argv = [str(DEFAULT_CONFIG), *overrides, f"output_root={mountpoint}", "name=full"]
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(sft.main, argv)
+    message = str(stopped.value.code)
+    assert message.startswith("error: the disk is full while writing ") and "No space left on device" in message
+    checkpoints = mountpoint / "full" / "sft" / "checkpoints"
+    assert last_complete_checkpoint(checkpoints) == str(checkpoints / "checkpoint-2")
+    capsys.readouterr()
+
+    mount(64 * 2**20, "remount")  # space is back
+    assert run_stage(sft.main, argv) == 0
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in capsys.readouterr().out
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(mountpoint / "full" / "sft" / "final" / "model.safetensors")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_a_full_disk_while_writing_a_json_file_keeps_the_old_file_and_leaves_no_staging_file(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from transformers.trainer_callback import ExportableState
 
 from vlm.config import TrainConfig
 from vlm.features import IMAGE_FEATURES, image_inputs
+from vlm.files import writing
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
@@ -331,6 +332,12 @@ class VLMTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
+    def _save_checkpoint(self, model, trial):
+        # A full disk while writing checkpoint-N: one clear error (vlm.files.writing); the
+        # half-written checkpoint has no trainer_state.json and is never resumed from.
+        with writing(self.args.output_dir):
+            super()._save_checkpoint(model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Full-model weights of a checkpoint, loaded through `from_pretrained`.
 
@@ -443,12 +450,13 @@ def save_final(model, processor, out_dir: Path, run_config: dict) -> Path:
     shutil.rmtree(tmp_dir, ignore_errors=True)  # what a kill left of an earlier save
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        model.save_pretrained(str(out_dir.with_name(out_dir.name + "-adapter")))
-        model = merge_adapter(model)
-    model.save_pretrained(str(tmp_dir), safe_serialization=True)
-    processor.save_pretrained(str(tmp_dir))
-    (tmp_dir / "training_config.json").write_text(json.dumps(run_config, indent=2))
+    with writing(out_dir.parent):  # a full disk: one clear error, the model before (if any) kept
+        if isinstance(model, PeftModel):
+            model.save_pretrained(str(out_dir.with_name(out_dir.name + "-adapter")))
+            model = merge_adapter(model)
+        model.save_pretrained(str(tmp_dir), safe_serialization=True)
+        processor.save_pretrained(str(tmp_dir))
+        (tmp_dir / "training_config.json").write_text(json.dumps(run_config, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp_dir, out_dir)  # a half-written final model is never mistaken for a finished one
