@@ -360,6 +360,9 @@ def reference_run(command: list[str], out: Path) -> tuple[Path, list[str], dict[
     if code != 0:
         raise SystemExit(f"error: the uninterrupted reference run failed (exit {code}); see {log}")
     report = next((l.split("report: ", 1)[1].strip() for l in launch.output if l.startswith("report: ")), None)
+    if report is None:  # e.g. stages without autolabel: the run stops after sample for people to label
+        raise SystemExit(f"error: the reference run ended without a report, so there is nothing to compare "
+                         f"(see {log}); give the chaos benchmark a config whose run goes to the end")
     run_dir = (REPO / report).parent if not Path(report).is_absolute() else Path(report).parent
     stages = [s for s in map(started_stage, launch.output) if s]
     durations = {s: json.loads((run_dir / s / "done.json").read_text())["seconds"] for s in stages}
