@@ -11,10 +11,10 @@ faults between them (default: one per run). A fault is a SIGKILL of the whole pr
 would do, at one of three kinds of moment:
 
   inside      a uniform random offset into the stage, up to the reference run's duration of it
-  checkpoint  while a checkpoint or final model is on disk half-written (a `checkpoint-N` without
-              trainer_state.json, or a `*.tmp` dir or file): the n-th such write of the stage, n drawn
-              up to the reference's checkpoints + 1, so later kills resume from a checkpoint;
-              stages that checkpoint only
+  checkpoint  while a checkpoint or final model is on disk half-written (a `checkpoint-N` without its
+              trainer_state.json, PPO's `update-N.tmp`, a `final.tmp`): the n-th such write of the
+              stage, n drawn up to the reference's checkpoints + 1, so some kills resume from a
+              checkpoint and some hit the final save; stages that checkpoint only
   between     the moment the stage's done.json appears, before the next stage (or the report) starts
 
 After each kill the same `./launch.sh` command runs again, until it exits 0. The stages, their
@@ -159,6 +159,11 @@ def half_written(run_dir: Path, ignore: frozenset = frozenset(), skip=("data",))
     return None
 
 
+def is_model_write(path: Path) -> bool:
+    """A checkpoint (`checkpoints/checkpoint-N`, `checkpoints/update-N.tmp`) or a final model (`final.tmp`)."""
+    return path.parent.name == "checkpoints" or path.name == "final.tmp"
+
+
 def all_half_written(run_dir: Path) -> list[Path]:
     found, ignore = [], set()
     while (path := half_written(run_dir, frozenset(ignore))) is not None:
@@ -187,7 +192,7 @@ def run_with_faults(command: list[str], run_dir: Path, faults: list[dict], durat
         launch = Launch(command, log)
         fault = pending[0] if pending else None
         current, stage_started, deadline, fired = None, None, None, None
-        writes_seen: list[Path] = []  # distinct half-written paths seen in the fault's stage
+        writes_seen: list[Path] = []  # distinct checkpoints / final models seen half-written in the stage
         while launch.process.poll() is None:
             for line in launch.new_lines():
                 stage = started_stage(line)
@@ -200,11 +205,11 @@ def run_with_faults(command: list[str], run_dir: Path, faults: list[dict], durat
                 if fault["kind"] == "inside" and deadline is not None and time.monotonic() >= deadline:
                     moment = f"{time.monotonic() - stage_started:.2f} s into {current}"
                 elif fault["kind"] == "checkpoint" and current == fault["stage"]:
-                    partial = half_written(run_dir, leftovers)
-                    if partial is not None and partial not in writes_seen:
-                        writes_seen.append(partial)
-                    if partial is not None and len(writes_seen) >= fault.get("nth", 1):
-                        moment = f"writing {partial.relative_to(run_dir)}"
+                    # checkpoints and final models only: exports and JSON files are staged too, briefly
+                    writes_seen += [p for p in all_half_written(run_dir)
+                                    if is_model_write(p) and p not in leftovers and p not in writes_seen]
+                    if len(writes_seen) >= fault.get("nth", 1):
+                        moment = f"writing {writes_seen[-1].relative_to(run_dir)}"
                 elif fault["kind"] == "between" and (run_dir / fault["stage"] / "done.json").is_file():
                     moment = f"after {fault['stage']} finished"
                 if fault["kind"] == "checkpoint" and moment is None and current != fault["stage"] and \

@@ -58,6 +58,11 @@ def test_a_checkpoint_without_its_state_file_or_a_staging_dir_is_half_written(tm
     assert set(chaos.all_half_written(run)) == {run / "sft" / "checkpoints" / "checkpoint-4",
                                                 run / "ppo" / "checkpoints" / "update-1.tmp"}
     assert chaos.complete_checkpoints(run / "sft") == [run / "sft" / "checkpoints" / "checkpoint-2"]
+    # what a checkpoint fault waits for: checkpoints and final models, not staged exports or JSON files
+    assert chaos.is_model_write(run / "ppo" / "checkpoints" / "update-1.tmp")
+    assert chaos.is_model_write(run / "rm" / "final.tmp")
+    assert not chaos.is_model_write(run / "rm" / "labels.tmp")
+    assert not chaos.is_model_write(run / "sft" / "metrics.json.tmp")
 
 
 def test_bench_chaos_is_reached_as_a_bench_subcommand_too():
