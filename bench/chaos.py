@@ -426,10 +426,16 @@ def main(argv=None) -> int:
 
     landed = [f for r in results for f in r["faults"] if f.get("killed_in")]
     (out / "chaos.json").write_text(json.dumps({"stages": stages, "results": results}, indent=2) + "\n")
-    by_stage = Counter(f["stage"] for f in landed)
-    by_kind = Counter(f["kind"] for f in landed)
-    print("\nfaults injected by stage: " + ", ".join(f"{s} {by_stage[s]}" for s in stages))
-    print("faults injected by kind: " + ", ".join(f"{k} {by_kind[k]}" for k in KINDS))
+    # Where the kills landed, which is not always where they were aimed: a stage shorter than the
+    # drawn offset passes the kill on to the next one, a stage that ends before a write is seen too.
+    inside = Counter(f["killed_in"] for f in landed if not f["killed_in"].startswith("after "))
+    after = Counter(f["killed_in"].removeprefix("after ") for f in landed if f["killed_in"].startswith("after "))
+    writes = sum(f["moment"].startswith("writing ") for f in landed)
+    print("\nkills inside a stage: " + ", ".join(f"{s} {inside[s]}" for s in stages))
+    print("kills after a stage, before the next (or the report): " + ", ".join(f"{s} {after[s]}" for s in stages))
+    print(f"kills while a checkpoint or final model was half-written: {writes}")
+    aimed = Counter(f["kind"] for f in landed)
+    print("faults as planned: " + ", ".join(f"{k} {aimed[k]}" for k in KINDS))
     missed = sum(1 for r in results for f in r["faults"] if not f.get("killed_in"))
     if missed:
         print(f"faults that never fired (the run finished first): {missed}")
