@@ -218,7 +218,10 @@ def run_with_faults(command: list[str], run_dir: Path, faults: list[dict], durat
                     moment = f"no half-written checkpoint seen in {fault['stage']}; at the start of {current}"
                     fault = {**fault, "kind": "between"}
                 if moment is not None:
-                    killed_in = current if not (run_dir / current / "done.json").is_file() else f"after {current}"
+                    if fault["kind"] == "between":  # the next stage may have started its process already
+                        killed_in = f"after {fault['stage']}"
+                    else:
+                        killed_in = current if not (run_dir / current / "done.json").is_file() else f"after {current}"
                     launch.kill()
                     fired = {**fault, "moment": moment, "killed_in": killed_in,
                              "finished": sorted(finished_stages(run_dir, stages), key=stages.index),

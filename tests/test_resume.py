@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -55,6 +54,20 @@ def add_then_die(self, *args, **kwargs):
     return result
 
 LabelStore.add_samples = add_then_die
+sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))
+"""
+
+
+# `python -c` body: argv = module args... The process SIGKILLs itself when the stage starts to save
+# its final model, after the checkpoint of its last step.
+KILL_IN_FINAL_SAVE = """
+import importlib, os, signal, sys
+import vlm.train
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+vlm.train.save_final = die
 sys.exit(importlib.import_module(sys.argv[1]).main(sys.argv[2:]))
 """
 
@@ -173,3 +186,26 @@ def test_sample_killed_after_its_first_batch_resumes_to_the_same_candidates(save
     # The answers sampled after the resume are those an uninterrupted run samples (each batch
     # draws from its own seed), and nothing of the first batch is stored twice.
     assert candidates(tmp_path / "b" / "labels.db") == candidates(tmp_path / "a" / "labels.db")
+
+
+# --- a kill after the last step, while the final model is being saved ---------------------------
+
+def test_sft_killed_while_saving_its_final_model_resumes_without_a_step_more(tiny_overrides, tmp_path):
+    """Found by the chaos benchmark: resumed from the checkpoint of its last step, the stock Trainer
+    took one step more (steps 5 of 4) and the run ended with other weights and figures."""
+    args = [DEFAULT_CONFIG, *tiny_overrides, "sft.steps=4", "sft.save_steps=2"]
+    straight = child(KILL_AT_STEP, 0, "stages.sft", *args, "name=a")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = child(KILL_IN_FINAL_SAVE, "stages.sft", *args, "name=b")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    work = tmp_path / "b" / "sft"
+    assert (work / "checkpoints" / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not (work / "final").exists()
+
+    resumed = child(KILL_AT_STEP, 0, "stages.sft", *args, "name=b")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not same_tensors(tmp_path / "a" / "sft" / "final" / "model.safetensors", work / "final" / "model.safetensors")
+    a = json.loads((tmp_path / "a" / "sft" / "metrics.json").read_text())
+    b = json.loads((work / "metrics.json").read_text())
+    assert b["steps"] == a["steps"] == 4 and b["train_loss"] == a["train_loss"]
+    assert b["seconds"] == round(clock_at(work / "checkpoints" / "checkpoint-4"), 2) > 0

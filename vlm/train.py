@@ -332,6 +332,28 @@ class VLMTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Trainer.train, except from a checkpoint of the last step (a run killed while saving its final
+        model): the stock Trainer skips the batches already trained on and then takes one step more
+        before it checks max_steps, so the resumed run would end one step past an uninterrupted one.
+        From such a checkpoint the weights and the trainer state are loaded and nothing is trained."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        state_file = Path(resume_from_checkpoint or "") / "trainer_state.json"
+        if not (resume_from_checkpoint and state_file.is_file()) or self.is_deepspeed_enabled \
+                or self.is_fsdp_enabled:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        state = TrainerState.load_from_json(str(state_file))
+        if state.global_step < self.args.max_steps:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._load_from_checkpoint(resume_from_checkpoint)
+        self.state = state
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TrainingClock):  # the training seconds saved with the checkpoint
+                TrainingClock.on_train_begin(callback, self.args, self.state, self.control)
+        return TrainOutput(state.global_step, mean_logged_loss(state.log_history), {})
+
     def _save_checkpoint(self, model, trial):
         # A full disk while writing checkpoint-N: one clear error (vlm.files.writing); the
         # half-written checkpoint has no trainer_state.json and is never resumed from.
