@@ -22,6 +22,7 @@ cookie the page gets from /?token=T; without it: 401):
   POST /api/comparisons {"sample_a", "sample_b", "verdict", "labeler"} (verdict: a | b | both_right |
                                    both_wrong) -> 201 {"comparison_id", ...} once stored durably
   GET  /images/SAMPLE_ID        -> that sample's image (only images of samples in the store)
+A full disk answers 507 (nothing stored; submit again once there is space).
 
 Security: binds 127.0.0.1 unless told otherwise, and refuses any other address
 without --token. Without a token, requests must name a loopback Host (DNS
@@ -39,6 +40,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from http import HTTPStatus
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +48,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from rewards.label_store import LabelStore, StoreError, UnknownSample, check_labeler
+from vlm.files import is_disk_full
 
 PAGE = Path(__file__).with_name("label_page.html")
 MAX_BODY = 16 * 1024
@@ -223,6 +226,15 @@ def make_handler(app: LabelApp, log: bool = False):
                 self._json(exc.status, {"error": str(exc)})
             except (BrokenPipeError, ConnectionResetError):
                 pass
+            except Exception as exc:  # noqa: BLE001  every request gets an answer, never a dropped connection
+                self.close_connection = True
+                if is_disk_full(exc):  # the label was not stored (its transaction rolled back): say so, 507
+                    self._json(HTTPStatus.INSUFFICIENT_STORAGE,
+                               {"error": f"the label store's disk is full ({exc}); nothing was stored, "
+                                         f"submit again once there is space"})
+                else:
+                    traceback.print_exc()
+                    self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(exc).__name__}"})
 
         def do_GET(self):
             self._handle("get")
@@ -237,6 +249,13 @@ def make_handler(app: LabelApp, log: bool = False):
             self._method_not_allowed()
 
         do_DELETE = do_PATCH = do_PUT
+
+        def __getattr__(self, name):
+            # Any other method (OPTIONS, TRACE, made-up ones) is a client error here, 405, not the
+            # stock handler's 501: the API has a fixed set of methods and says which.
+            if name.startswith("do_"):
+                return self._method_not_allowed
+            raise AttributeError(name)
 
         def _method_not_allowed(self):
             self.close_connection = True

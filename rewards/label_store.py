@@ -197,7 +197,12 @@ class LabelStore:
 
         def __exit__(self, kind, exc, tb):
             try:
-                self.store._db.execute("COMMIT" if kind is None else "ROLLBACK")
+                if kind is None:
+                    self.store._db.execute("COMMIT")
+                elif self.store._db.in_transaction:
+                    # SQLite has rolled back already after some errors (SQLITE_FULL: a full disk);
+                    # a second ROLLBACK would fail and hide the error that matters.
+                    self.store._db.execute("ROLLBACK")
             finally:
                 self.store._lock.release()
 
@@ -301,6 +306,8 @@ class LabelStore:
         """Append one label; returns its id once the label is on disk."""
         if not isinstance(sample_id, int) or isinstance(sample_id, bool):
             raise StoreError("field 'sample_id' must be an integer")
+        if not -2**63 <= sample_id < 2**63:  # beyond SQLite's integers: no sample has it (and binding it overflows)
+            raise UnknownSample(f"unknown sample_id {sample_id}")
         labeler = check_labeler(labeler, allow_auto)
         check_label(label)
         pending = _PendingLabel((sample_id, labeler, label, time.time() if at is None else at))

@@ -15,7 +15,7 @@ import dataclasses
 import sys
 
 from rewards.label_store import LabelStore, StoreError
-from stages.common import config_from_args, stage_parser, write_json
+from stages.common import config_from_args, run_stage, stage_parser, write_json
 
 
 def main(argv=None) -> int:
@@ -48,4 +48,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

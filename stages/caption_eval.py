@@ -26,7 +26,7 @@ from vlm.data import RejectLog, SupervisedDataset, VLMCollator, caption_items, l
 from vlm.features import image_inputs, image_source
 from vlm.model import load_model
 from stages.caption import caption_batch
-from stages.common import add_model_option, config_from_args, model_dir_from, stage_parser, write_json
+from stages.common import add_model_option, config_from_args, model_dir_from, run_stage, stage_parser, write_json
 
 
 def references_by_image(records) -> dict[str, list[str]]:
@@ -117,4 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -34,6 +34,7 @@ COMMANDS = {
     "ppo": ("stages.ppo", "PPO of the SFT policy against the reward model, images in every forward (trl 1.12)"),
     "bench-seeds": ("bench.seeds", "vision + SFT + eval for several seeds: test accuracy per family, mean +- sd"),
     "bench-ppo": ("bench.ppo_throughput", "PPO rollout and update throughput (samples/s) of default and GPT-2 124M sized models"),
+    "bench-chaos": ("bench.chaos", "SIGKILL a staged run at random moments, resume it, compare with an uninterrupted run"),
 }
 
 
@@ -49,6 +50,8 @@ def main(argv=None) -> int:
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]
+    if name == "bench" and rest and f"bench-{rest[0]}" in COMMANDS:  # `vqa-rlhf bench chaos` = `bench-chaos`
+        name, rest = f"bench-{rest[0]}", rest[1:]
     if name not in COMMANDS:
         print(f"vqa-rlhf: unknown subcommand '{name}'\n\n{usage()}", file=sys.stderr)
         return 2

@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from vlm.config import ConfigError, RunConfig, load_config
-from vlm.files import write_json  # noqa: F401  (stages import it from here)
+from vlm.files import DISK_FULL_ADVICE, is_disk_full, write_json  # noqa: F401  (stages import write_json from here)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -36,8 +37,19 @@ def run_stage(main, argv=None) -> int:
     aborts (std::terminate, SIGABRT) after all its work is done, and the launcher reports the run
     as failed (seen in about 1 run in 20 on this box; core dump: ~AsyncAllgatherWork in
     ProcessGroupGloo::runLoop during Py_FinalizeEx). Everything a stage writes is written and closed
-    when main() returns, so the rank flushes its streams and exits without finalization."""
-    code = main(argv)
+    when main() returns, so the rank flushes its streams and exits without finalization.
+
+    A full disk (ENOSPC, SQLite's "database or disk is full") ends the stage with one line that
+    says so and how to continue, instead of a traceback from deep inside a save."""
+    try:
+        code = main(argv)
+    except (OSError, sqlite3.OperationalError) as exc:
+        if not is_disk_full(exc):
+            raise
+        where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        sys.exit(f"error: the disk is full{where} ({exc}); {DISK_FULL_ADVICE}")
+    if "torch.distributed" not in sys.modules:  # never imported, so never initialized (autolabel, prep)
+        return code
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):

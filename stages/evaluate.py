@@ -31,7 +31,7 @@ from vlm.features import image_source
 from vlm.generate import answer_questions
 from vlm.model import load_model
 from vlm.vqa_metric import check_results, official_question_id, read_question_ids, score_records, submission_answer
-from stages.common import add_model_option, config_from_args, model_dir_from, stage_parser, write_json
+from stages.common import add_model_option, config_from_args, model_dir_from, run_stage, stage_parser, write_json
 
 
 def _scored(records, predictions, group_field: str):
@@ -277,4 +277,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

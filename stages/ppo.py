@@ -51,6 +51,7 @@ from trl.trainer.utils import selective_log_softmax
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split, prompt_ids, reference_of, vqa_prompt
 from vlm.features import FeatureCacheMismatch, FeatureStore, image_inputs, image_source, model_signature
+from vlm.files import writing
 from vlm.generate import answer_questions
 from vlm.model import load_model
 from vlm.train import apply_lora, save_final, set_trainable
@@ -175,6 +176,7 @@ class VisionPPOTrainer(PPOTrainer):
         self.on_update = on_update  # (trainer, update, rollout, metrics) -> None; may add to metrics
         self.start_update = 0
         self.stop_requested = False  # set by on_update (the reward-hacking guard): the loop ends there
+        self.train_seconds = 0.0  # across resumes: a resumed run starts from its checkpoint's count
 
     # -- forwards, all with the image
 
@@ -323,7 +325,7 @@ class VisionPPOTrainer(PPOTrainer):
         batches = self._batches()
         for _ in range(self.start_update):  # skip what a resumed run already trained on
             next(batches)
-        started = time.time()
+        started, seconds_before = time.time(), self.train_seconds
         self.control = self.callback_handler.on_train_begin(args, self.state, self.control)  # progress bar
         for update in range(self.start_update, args.num_total_batches):
             torch.manual_seed(self.local_seed + update)  # sampling draws the same after a resume
@@ -332,6 +334,7 @@ class VisionPPOTrainer(PPOTrainer):
                 advantages, returns, values, kl, non_score_reward = self.advantages(rollout)
             stats = self.ppo_update(rollout, advantages, returns, values, update)
             self.lr_scheduler.step()
+            self.train_seconds = seconds_before + time.time() - started
             self.state.global_step = update + 1
             self.state.episode += args.batch_size
             gather = lambda t: accelerator.gather_for_metrics(t).float().mean().item()
@@ -346,7 +349,7 @@ class VisionPPOTrainer(PPOTrainer):
                 "approxkl": stats["approxkl"], "clipfrac": stats["clipfrac"], "pg_loss": stats["pg_loss"],
                 "vf_loss": stats["vf_loss"], "ratio": stats["ratio"],
                 "lr": self.lr_scheduler.get_last_lr()[0],
-                "seconds": round(time.time() - started, 2),
+                "seconds": round(self.train_seconds, 2),
             }
             if self.on_update is not None:
                 self.on_update(self, update + 1, rollout, metrics)
@@ -577,10 +580,11 @@ class PPORun:
             # critic_backbone is the value model's backbone under a second name: saved once.
             state = {k: v.contiguous() for k, v in accelerator.unwrap_model(trainer.model).state_dict().items()
                      if not k.startswith("critic_backbone.")}
-            save_file(state, str(tmp / "model.safetensors"))
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps({"update": update}))
+            with writing(tmp):  # a full disk: one clear error; update-N.tmp is never resumed from
+                save_file(state, str(tmp / "model.safetensors"))
+                torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+                (tmp / "state.json").write_text(json.dumps({"update": update, "seconds": trainer.train_seconds}))
             os.replace(tmp, final)
             for old in sorted(self._complete_checkpoints(), key=_update_of)[:-2]:
                 shutil.rmtree(old)
@@ -607,6 +611,7 @@ class PPORun:
                                    f"unexpected {unexpected[:5]}")
             trainer.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
             trainer.lr_scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+            trainer.train_seconds = json.loads((latest / "state.json").read_text()).get("seconds", 0.0)
             if trainer.accelerator.is_main_process:
                 print(f"ppo: resuming from {latest}", flush=True)
         if trainer.accelerator.is_main_process:
@@ -658,9 +663,8 @@ def train(config: RunConfig, work_dir: Path | None = None) -> dict:
         if trainer.accelerator.is_main_process:
             with open(run.log_path, "a") as f:
                 f.write(json.dumps({"step": 0, "val_vqa_accuracy": accuracy}) + "\n")
-    started = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - started
+    seconds = trainer.train_seconds  # across resumes
     accelerator = trainer.accelerator
     accelerator.wait_for_everyone()
     kept = keep_or_restore(run, trainer)

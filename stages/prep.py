@@ -26,7 +26,7 @@ import sys
 from data_prep import convert
 from data_prep.synthetic import SyntheticConfig, generate
 from vlm.data import load_split, training_tasks
-from stages.common import parse_stage_args
+from stages.common import parse_stage_args, run_stage
 
 
 def prepare(config) -> dict:
@@ -63,4 +63,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -18,19 +18,21 @@ save:  <out>/final (RewardModel.save_pretrained + processor), <out>/metrics.json
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from transformers import AutoProcessor, set_seed
 
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image
+from vlm.files import writing
 from vlm.vqa_metric import vqa_accuracy
 from vlm.train import (
+    TrainingClock,
     apply_lora,
     gathered_parameters,
     is_main_process,
     last_complete_checkpoint,
+    mean_logged_loss,
     part_learning_rates,
     set_trainable,
     training_arguments,
@@ -116,14 +118,16 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
               f"{len(preferences)} pairwise preferences; {rm.objective}: {len(dataset)} training examples", flush=True)
 
     checkpoints = out_dir / "checkpoints"
+    clock = TrainingClock()
     trainer = RewardTrainer(
         model=model, args=training_arguments(rm, checkpoints, config.seed), train_dataset=dataset,
-        data_collator=collator, part_lrs=part_learning_rates(rm), objective=rm.objective,
+        data_collator=collator, part_lrs=part_learning_rates(rm), objective=rm.objective, callbacks=[clock],
     )
     resume_from = last_complete_checkpoint(checkpoints) if rm.resume else None
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - started
+    if resume_from and is_main_process():
+        print(f"rm: resuming from {resume_from}", flush=True)
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = clock.seconds  # across resumes
 
     final_model = trainer.model
     from peft import PeftModel
@@ -148,7 +152,8 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     metrics.update({
         "objective": rm.objective, "labels": str(labels_dir), "base": str(base),
         "train_labels": len(train_rows), "heldout_labels": len(heldout_rows), "preference_pairs": len(preferences),
-        "steps": trainer.state.global_step, "train_loss": result.training_loss, "seconds": round(seconds, 2),
+        "steps": trainer.state.global_step, "train_loss": mean_logged_loss(trainer.state.log_history),
+        "seconds": round(seconds, 2),
         "checkpoint": str(out_dir / "final"),
         "baselines": evaluate_baselines(train_rows, heldout_rows, families) if is_main_process() else {},
     })
@@ -202,9 +207,10 @@ def save_reward_model(model, processor, out_dir: Path, run_config: dict) -> None
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    processor.save_pretrained(str(tmp))
-    (tmp / "training_config.json").write_text(json.dumps(run_config, indent=2))
+    with writing(out_dir.parent):  # a full disk: one clear error, the model before (if any) kept
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        processor.save_pretrained(str(tmp))
+        (tmp / "training_config.json").write_text(json.dumps(run_config, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vlm.config import DecodingConfig, RunConfig
 from rewards.label_store import LabelStore, StoreError, now_iso
-from stages.common import config_from_args, stage_parser, write_json
+from stages.common import config_from_args, run_stage, stage_parser, write_json
 
 FLAGS = {  # flag -> sample.* key
     "model": "model", "split": "split", "db": "db", "k": "k", "temperature": "temperature", "top_p": "top_p",
@@ -45,8 +45,6 @@ def ground_truth(record: dict) -> list[str]:
 
 
 def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
-    import torch  # here, not at the top: `vqa-rlhf sample --help` stays instant
-
     from vlm.data import RejectLog, load_split
     from vlm.features import image_source
     from vlm.model import load_model
@@ -68,13 +66,10 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     store = LabelStore(db_path, create=True)
     checkpoint = str(model_dir.resolve())
     done = store.sampled_question_ids(checkpoint)
-    torch.manual_seed(config.seed)
     model, processor = load_model(model_dir)
     images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
-    todo = []
+    todo = []  # every usable record, sampled or not: batches are cut from this list the same way in every run
     for record in records:
-        if str(record["id"]) in done:
-            continue
         problem = check_record(record)
         if problem is None:
             try:
@@ -85,6 +80,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
             rejects.reject(record.get("id"), source, problem)
             continue
         todo.append(record)
+    batch_of = {str(record["id"]): index // settings.batch_size for index, record in enumerate(todo)}
 
     decoding = DecodingConfig(strategy="sample", temperature=settings.temperature, top_p=settings.top_p,
                               max_new_tokens=settings.max_new_tokens)
@@ -94,10 +90,11 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
                                "seed": config.seed, "prompt_template": config.data.prompt_template}}
     counts = {"questions": 0, "added": 0, "merged": 0, "empty": 0}
     started = time.perf_counter()
-    batch_rows = []
+    batch_rows, current_batch = [], None
 
     def flush():
         # One transaction per batch of questions: a kill loses at most the batch being generated.
+        # A batch is stored whole or not at all, so a resumed run regenerates whole batches.
         result = store.add_samples(config.data_dir, batch_rows, provenance)
         counts["added"] += result["added"]
         counts["merged"] += result["merged"]
@@ -105,15 +102,16 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
 
     for record, candidates, empty in sample_candidates(
             model, processor, todo, images, config.data.prompt_template, settings.k, decoding,
-            settings.batch_size, config.data.max_length, progress=progress):
+            settings.batch_size, config.data.max_length, progress=progress, seed=config.seed, skip=done):
+        if batch_of[str(record["id"])] != current_batch:
+            flush()
+            current_batch = batch_of[str(record["id"])]
         counts["questions"] += 1
         counts["empty"] += empty
         counts["merged"] += 1 + settings.k - empty - len(candidates)
         batch_rows += [{"question_id": str(record["id"]), "image": record["image"], "question": record["question"],
                         "answer": answer, "gt_answers": ground_truth(record), "greedy": greedy}
                        for answer, greedy in candidates]
-        if counts["questions"] % settings.batch_size == 0:
-            flush()
     flush()
     summary = {**counts, "skipped_already_sampled": len(done), "rejected": rejects.count,
                "samples_in_store": store.count_samples(), "db": str(db_path), "checkpoint": checkpoint,
@@ -153,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -16,13 +16,14 @@ tracks the val captions' perplexity instead of VQA accuracy.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import sys
-import time
 from pathlib import Path
 
 from torch.utils.data import ConcatDataset
-from transformers import TrainerCallback, set_seed
+from transformers import set_seed
 
 from vlm.config import RunConfig, to_dict
 from vlm.data import (
@@ -38,7 +39,14 @@ from vlm.features import FeatureStore, image_source
 from vlm.retrieval import CaptionEmbeddingExamples, embedding_head, embedding_token_id
 from vlm.generate import answer_questions
 from vlm.model import build_model, build_processor, load_model, count_parameters
-from vlm.train import build_trainer, is_main_process, prepare_for_training, train_and_save
+from vlm.train import (
+    TrainingClock,
+    build_trainer,
+    is_main_process,
+    mean_logged_loss,
+    prepare_for_training,
+    train_and_save,
+)
 from vlm.vqa_metric import score_records
 from stages.common import parse_stage_args, run_stage, write_json
 
@@ -77,8 +85,11 @@ def setup_model(config: RunConfig, work_dir: Path):
             processor = AutoProcessor.from_pretrained(processor_dir)
         else:
             processor = build_processor(model_config, corpus(config))
-            if is_main_process():
-                processor.save_pretrained(processor_dir)
+            if is_main_process():  # atomically: a processor dir cut short by a kill would be loaded on resume
+                staging = processor_dir.with_name(processor_dir.name + ".tmp")
+                shutil.rmtree(staging, ignore_errors=True)
+                processor.save_pretrained(staging)
+                os.replace(staging, processor_dir)
         model = build_model(model_config, processor)
         base_dir = None
     processor.tokenizer.padding_side = "right"
@@ -135,12 +146,14 @@ def setup_data(config: RunConfig, processor, model, work_dir: Path, tasks: froze
     return dataset, val_records, images, rejects
 
 
-class HeldOutAccuracy(TrainerCallback):
+class HeldOutAccuracy(TrainingClock):
     """Official VQA accuracy on a slice of the val split every `eval_steps`, logged with
-    the training minutes it took to get there (eval time excluded). A captions-only run
-    (`task` "captions") logs the val captions' perplexity instead."""
+    the training minutes it took to get there (eval time excluded; a resumed run continues
+    the clock from its checkpoint). A captions-only run (`task` "captions") logs the val
+    captions' perplexity instead."""
 
     def __init__(self, config: RunConfig, processor, records, images, log_path: Path, task: str = "vqa"):
+        super().__init__()
         self.task = task
         self.config = config
         self.processor = processor
@@ -148,30 +161,25 @@ class HeldOutAccuracy(TrainerCallback):
         self.images = images
         self.log_path = log_path
         self.trainer = None
-        self.train_seconds = 0.0
-        self._last = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        # Resumed runs continue the clock where the checkpoint's step left it.
+        super().on_train_begin(args, state, control)
         if self.log_path.exists():
             entries = [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
             # A fresh start drops an old curve; a resumed run keeps what led up to its checkpoint.
             entries = [e for e in entries if e["step"] <= state.global_step] if state.global_step else []
             if is_main_process():
                 self.log_path.write_text("".join(json.dumps(e) + "\n" for e in entries))
-            self.train_seconds = entries[-1]["train_seconds"] if entries else 0.0
-        self._last = time.perf_counter()
         if state.global_step == 0 and self.config.sft.eval_steps:
-            self._evaluate(model, state)
+            with self.paused():
+                self._evaluate(model, state)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        now = time.perf_counter()
-        self.train_seconds += now - self._last
-        self._last = now
+        super().on_step_end(args, state, control)
         every = self.config.sft.eval_steps
         if every and (state.global_step % every == 0 or state.global_step == state.max_steps):
-            self._evaluate(model, state)
-            self._last = time.perf_counter()
+            with self.paused():
+                self._evaluate(model, state)
 
     def _evaluate(self, model, state):
         cfg = self.config
@@ -196,7 +204,7 @@ class HeldOutAccuracy(TrainerCallback):
         self._log(state, {"vqa_accuracy": report.overall})
 
     def _log(self, state, values: dict):
-        entry = {"step": state.global_step, "train_seconds": round(self.train_seconds, 2), **values}
+        entry = {"step": state.global_step, "train_seconds": round(self.seconds, 2), **values}
         if is_main_process():
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -228,8 +236,8 @@ def train(config: RunConfig, callbacks=()) -> dict:
     result, seconds, final_dir = train_and_save(trainer, processor, config.sft, work_dir, to_dict(config), "sft")
     metrics = {
         "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "seconds": round(held_out.train_seconds or seconds, 2),
+        "train_loss": mean_logged_loss(trainer.state.log_history),
+        "seconds": round(seconds, 2),
         "examples": len(dataset),
         "tasks": sorted(tasks),
         "rejected": rejects.count,

@@ -152,8 +152,11 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(tiny_overrides, ppo_di
             ppo_stage.train(killed)
     finally:
         ppo_stage.PPORun.on_update = original
-    assert (killed.run_dir / "ppo" / "checkpoints" / "update-2" / "state.json").is_file()
-    ppo_stage.train(killed)
+    state = killed.run_dir / "ppo" / "checkpoints" / "update-2" / "state.json"
+    seconds_at_checkpoint = json.loads(state.read_text())["seconds"]
+    resumed = ppo_stage.train(killed)
+    # training time counts the updates before the kill (up to update-2) and those after it
+    assert resumed["seconds"] > seconds_at_checkpoint > 0
     log = [json.loads(l)["step"] for l in (killed.run_dir / "ppo" / "log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4]  # update 3's entry from before the kill was dropped, then redone
     a = load_file(str(straight.run_dir / "ppo" / "final" / "model.safetensors"))

@@ -173,6 +173,12 @@ def test_a_run_killed_and_resumed_ends_with_bit_identical_weights_to_an_uninterr
     metrics_a = json.loads((tmp_path / "a" / "tiny" / "sft" / "metrics.json").read_text())
     assert metrics_b["steps"] == 6
     assert losses(metrics_b) == losses(metrics_a)
+    # The figures of the report are those of the uninterrupted run: the mean loss over all six
+    # steps (not over the two after the resume), and training seconds that count the steps before
+    # the kill (the clock, HeldOutAccuracy, saved with checkpoint-4) as well as those after it.
+    assert metrics_b["train_loss"] == metrics_a["train_loss"]
+    state = json.loads((checkpoints / "checkpoint-4" / "trainer_state.json").read_text())
+    assert metrics_b["seconds"] > state["stateful_callbacks"]["HeldOutAccuracy"]["attributes"]["seconds"] > 0
 
 
 def test_a_checkpoint_without_trainer_state_is_never_resumed_from(tmp_path):

@@ -7,13 +7,16 @@ import contextlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from vlm.config import TrainConfig
 from vlm.features import IMAGE_FEATURES, image_inputs
+from vlm.files import writing
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
@@ -138,6 +141,57 @@ class TimeLimit(TrainerCallback):
             control.should_training_stop = True
             if is_main_process():
                 print(f"max_train_seconds={self.seconds:g} reached at step {state.global_step}", flush=True)
+
+
+class TrainingClock(TrainerCallback, ExportableState):
+    """Seconds of training across resumes.
+
+    A killed run that resumes would otherwise report only the time since its last start. The
+    count is saved in each checkpoint's trainer_state.json (the Trainer writes the `state()` of
+    ExportableState callbacks there, in the same file that marks the checkpoint complete) and taken
+    up again from the checkpoint a run resumes from, so it stays in step with the weights. Time spent
+    inside `paused()` (evaluations) is not training time."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._last: float | None = None
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"seconds": self.seconds}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
+        if isinstance(saved, list):  # several callbacks of one class: the Trainer keeps a list
+            saved = saved[-1]
+        self.seconds = saved["attributes"]["seconds"] if saved else 0.0
+        self._last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        self.seconds += now - self._last
+        self._last = now
+
+    @contextlib.contextmanager
+    def paused(self):
+        try:
+            yield
+        finally:
+            self._last = time.perf_counter()
+
+
+def mean_logged_loss(log_history: list[dict]) -> float | None:
+    """Mean training loss per step over the logged steps, from the Trainer's log history.
+
+    The Trainer's own `training_loss` averages only the steps of the current process, so a resumed
+    run would report the mean of its last stretch. The log history is saved in every checkpoint and
+    restored with it: the same figure whether the run was interrupted or not (each log entry's loss is
+    the mean over the steps since the entry before)."""
+    total, last_step = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last_step)
+            last_step = entry["step"]
+    return total / last_step if last_step else None
 
 
 class UnfreezeSchedule(TrainerCallback):
@@ -278,6 +332,34 @@ class VLMTrainer(Trainer):
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Trainer.train, except from a checkpoint of the last step (a run killed while saving its final
+        model): the stock Trainer skips the batches already trained on and then takes one step more
+        before it checks max_steps, so the resumed run would end one step past an uninterrupted one.
+        From such a checkpoint the weights and the trainer state are loaded and nothing is trained."""
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        state_file = Path(resume_from_checkpoint or "") / "trainer_state.json"
+        if not (resume_from_checkpoint and state_file.is_file()) or self.is_deepspeed_enabled \
+                or self.is_fsdp_enabled:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        state = TrainerState.load_from_json(str(state_file))
+        if state.global_step < self.args.max_steps:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self._load_from_checkpoint(resume_from_checkpoint)
+        self.state = state
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TrainingClock):  # the training seconds saved with the checkpoint
+                TrainingClock.on_train_begin(callback, self.args, self.state, self.control)
+        return TrainOutput(state.global_step, mean_logged_loss(state.log_history), {})
+
+    def _save_checkpoint(self, model, trial):
+        # A full disk while writing checkpoint-N: one clear error (vlm.files.writing); the
+        # half-written checkpoint has no trainer_state.json and is never resumed from.
+        with writing(self.args.output_dir):
+            super()._save_checkpoint(model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Full-model weights of a checkpoint, loaded through `from_pretrained`.
 
@@ -383,19 +465,21 @@ def save_final(model, processor, out_dir: Path, run_config: dict) -> Path:
 
     LoRA adapters are merged so the result is a plain Llava model that stock
     transformers loads; under QLoRA the adapter is merged into a full-precision copy."""
+    import shutil
+
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # what a kill left of an earlier save
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        model.save_pretrained(str(out_dir.with_name(out_dir.name + "-adapter")))
-        model = merge_adapter(model)
-    model.save_pretrained(str(tmp_dir), safe_serialization=True)
-    processor.save_pretrained(str(tmp_dir))
-    (tmp_dir / "training_config.json").write_text(json.dumps(run_config, indent=2))
+    with writing(out_dir.parent):  # a full disk: one clear error, the model before (if any) kept
+        if isinstance(model, PeftModel):
+            model.save_pretrained(str(out_dir.with_name(out_dir.name + "-adapter")))
+            model = merge_adapter(model)
+        model.save_pretrained(str(tmp_dir), safe_serialization=True)
+        processor.save_pretrained(str(tmp_dir))
+        (tmp_dir / "training_config.json").write_text(json.dumps(run_config, indent=2))
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     os.replace(tmp_dir, out_dir)  # a half-written final model is never mistaken for a finished one
     return out_dir
@@ -455,6 +539,8 @@ def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path
 
     if schedule_phases(config):
         callbacks = [UnfreezeSchedule(model, config), *callbacks]
+    if not any(isinstance(c, TrainingClock) for c in callbacks):
+        callbacks = [*callbacks, TrainingClock()]
     if config.max_train_seconds:
         callbacks = [*callbacks, TimeLimit(config.max_train_seconds)]
     # model.clip_head: caption rows also train the caption -> CLIP embedding head
@@ -470,18 +556,19 @@ def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path
     )
 
 
+def training_clock(trainer) -> TrainingClock:
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingClock))
+
+
 def train_and_save(trainer: VLMTrainer, processor, config: TrainConfig, work_dir: Path, run_config: dict,
                    stage: str):
     """Trains (from the newest complete checkpoint when `config.resume`), then saves
-    <work_dir>/final. Returns (TrainOutput, seconds of training, final dir)."""
-    import time
-
+    <work_dir>/final. Returns (TrainOutput, seconds of training across resumes, final dir)."""
     resume_from = last_complete_checkpoint(work_dir / "checkpoints") if config.resume else None
     if resume_from and is_main_process():
         print(f"{stage}: resuming from {resume_from}", flush=True)
-    started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
-    seconds = time.perf_counter() - started
+    seconds = training_clock(trainer).seconds
     final_dir = work_dir / "final"
     with gathered_parameters(trainer):  # ZeRO-3: every rank takes part in gathering the weights
         if trainer.is_world_process_zero():
