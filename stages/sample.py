@@ -138,8 +138,8 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     flags = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
     config = dataclasses.replace(config, sample=dataclasses.replace(config.sample, **flags))
-    if args.data:
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, dir=args.data))
+    if args.data:  # another dataset: the config's feature cache holds the config's images, not these
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, dir=args.data, feature_cache=None))
     try:
         summary = sample_to_store(config)
     except (FileNotFoundError, KeyError, StoreError) as exc:
