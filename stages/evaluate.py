@@ -55,16 +55,6 @@ def majority_answer_baseline(config: RunConfig, records) -> dict:
     return {"answer": answer, "vqa_accuracy": report.overall, "by_answer_type": report.by_answer_type}
 
 
-def answer_and_score(config: RunConfig, model, processor, images, records) -> tuple[list[str], object, dict]:
-    """Greedy (or eval.decoding) answers, the official scores, and the scores per question family."""
-    predictions = answer_questions(
-        model, processor, records, images, config.data.prompt_template, config.eval.decoding,
-        config.eval.batch_size, config.data.max_length, progress=True,
-    )
-    return predictions, _scored(records, predictions, "question_type"), \
-        _scored(records, predictions, "question_family").by_question_type
-
-
 def memorisation_check(config: RunConfig, model, processor, images) -> dict | None:
     """The same scores on the first eval.train_check_samples training questions: far above the
     test figure, the model memorised its training images instead of learning to see."""
@@ -73,9 +63,11 @@ def memorisation_check(config: RunConfig, model, processor, images) -> dict | No
     train = load_split(config.data_dir, "vqa", config.data.train_split)
     records = [r for r in train.select(range(min(config.eval.train_check_samples, len(train))))
                if check_vqa_record(r) is None]
-    _, report, by_family = answer_and_score(config, model, processor, images, records)
+    predictions = answer_questions(model, processor, records, images, config.data.prompt_template,
+                                   config.eval.decoding, config.eval.batch_size, config.data.max_length)
+    report = _scored(records, predictions, "question_type")
     return {"split": config.data.train_split, "count": report.count, "vqa_accuracy": report.overall,
-            "by_question_family": by_family}
+            "by_question_family": _scored(records, predictions, "question_family").by_question_type}
 
 
 def tower_probe(config: RunConfig, model) -> dict | None:

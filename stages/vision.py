@@ -32,6 +32,7 @@ from data_prep.features import build_cache
 from data_prep.regions import load_regions, probe_towers
 from stages.common import parse_stage_args, run_stage, write_json
 from vlm.config import RunConfig
+from vlm.features import signature
 from vlm.model import scratch_configs
 from vlm.vision import RegionHeads, batch_indices, cosine_lr, clip_image_processor, patch_tokens, region_loss
 
@@ -129,16 +130,12 @@ def save_tower(tower: CLIPVisionModel, config: RunConfig, out: Path) -> None:
     tmp.rename(out)
 
 
-def cache_features(config: RunConfig) -> dict:
-    """The dataset's features for the saved tower; a cache of an earlier tower is rebuilt (it is derived data)."""
+def cache_features(config: RunConfig, tower: CLIPVisionModel) -> dict:
+    """The dataset's features for the saved `tower`; a cache of an earlier tower is rebuilt (it is derived data)."""
     out = config.vision_features
     meta = out / "meta.json"
     if meta.is_file():
-        from vlm.features import signature
-
-        tower = CLIPVisionModel.from_pretrained(config.vision_final)
-        processor = clip_image_processor(config.model.image_size)
-        expected = signature(tower, processor, config.model.vision_feature_layer)
+        expected = signature(tower, clip_image_processor(config.model.image_size), config.model.vision_feature_layer)
         if json.loads(meta.read_text()).get("signature") != expected:
             print(f"vision: {out} was made by an earlier tower; rebuilding it", flush=True)
             shutil.rmtree(out)
@@ -158,7 +155,7 @@ def main(argv=None) -> int:
                "probe": probes["trained"], "probe_untrained": probes["untrained"],
                "probe_split": config.data.test_split, "checkpoint": str(config.vision_final)}
     if config.vision.feature_cache:
-        counts = cache_features(config)
+        counts = cache_features(config, result["tower"])
         metrics["feature_cache"] = {"path": str(config.vision_features), **counts}
     write_json(work_dir / "metrics.json", metrics)
     print(f"vision: done in {result['seconds']:.0f} s; per-cell probe on {config.data.test_split}: shape "

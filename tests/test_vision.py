@@ -30,6 +30,21 @@ def test_a_caption_outside_the_region_grammar_is_an_error_naming_the_phrase():
         caption_regions("at the top left a red hexagon.", 3)
 
 
+def test_a_caption_outside_the_grammar_in_a_dataset_names_the_file_record_and_field(tiny_data_dir, monkeypatch):
+    from datasets import Dataset
+
+    from data_prep import regions
+    from vlm.config import load_config
+
+    config = load_config(REPO / "configs/default.yaml", [*TINY_DIMS, f"data.dir={tiny_data_dir}"])
+    records = [{"id": "a", "image": "images/train/000000.png", "caption": "at the top left a red circle."},
+               {"id": "b", "image": "images/train/000001.png", "caption": "a dog on a sofa."}]
+    monkeypatch.setattr(regions, "load_split", lambda *args: Dataset.from_list(records))
+    with pytest.raises(ValueError, match=r"captions/train: record 1 \(id b\), field 'caption': caption phrase "
+                                         r"'a dog on a sofa'"):
+        regions.load_regions(config, "train")
+
+
 def _normalised(image: Image.Image) -> np.ndarray:
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
