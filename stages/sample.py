@@ -62,6 +62,24 @@ def usable_records(records, images, rejects, source: str) -> list[dict]:
     return todo
 
 
+def sampling_decoding(settings) -> DecodingConfig:
+    """The sampling of sample.*, checked: K sampled answers per question, in batches of questions."""
+    if settings.k < 0 or settings.batch_size < 1:
+        raise SystemExit(f"error: sample.k must be >= 0 and sample.batch_size >= 1 "
+                         f"(got {settings.k}, {settings.batch_size})")
+    return DecodingConfig(strategy="sample", temperature=settings.temperature, top_p=settings.top_p,
+                          max_new_tokens=settings.max_new_tokens)
+
+
+def sample_provenance(config: RunConfig, checkpoint: str, split: str) -> dict:
+    """What every sample records of where it came from: checkpoint, split, time, decoding settings."""
+    settings = config.sample
+    return {"checkpoint": checkpoint, "split": split, "created": now_iso(),
+            "decoding": {"k": settings.k, "greedy": True, "temperature": settings.temperature,
+                         "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
+                         "seed": config.seed, "prompt_template": config.data.prompt_template}}
+
+
 def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     # Here, not at the top: they pull in torch and transformers, and `vqa-rlhf sample --help`
     # then takes 9 s instead of 0.2 s (measured on the 2-core box).
@@ -71,9 +89,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     from rewards.sampling import sample_candidates
 
     settings = config.sample
-    if settings.k < 0 or settings.batch_size < 1:
-        raise SystemExit(f"error: sample.k must be >= 0 and sample.batch_size >= 1 "
-                         f"(got {settings.k}, {settings.batch_size})")
+    decoding = sampling_decoding(settings)
     model_dir = Path(settings.model) if settings.model else config.sft_final
     db_path = config.labels_db
     split = config.sample_split  # default data.rl_split: images SFT never trained on
@@ -91,12 +107,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     todo = usable_records(records, images, rejects, source)
     batch_of = {str(record["id"]): index // settings.batch_size for index, record in enumerate(todo)}
 
-    decoding = DecodingConfig(strategy="sample", temperature=settings.temperature, top_p=settings.top_p,
-                              max_new_tokens=settings.max_new_tokens)
-    provenance = {"checkpoint": checkpoint, "split": split, "created": now_iso(),
-                  "decoding": {"k": settings.k, "greedy": True, "temperature": settings.temperature,
-                               "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
-                               "seed": config.seed, "prompt_template": config.data.prompt_template}}
+    provenance = sample_provenance(config, checkpoint, split)
     counts = {"questions": 0, "added": 0, "merged": 0, "empty": 0}
     started = time.perf_counter()
     batch_rows, current_batch = [], None
