@@ -1,7 +1,9 @@
 """Tests for data_prep/synthetic.py on tiny datasets."""
 
 import collections
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,12 @@ from data_prep.synthetic import (
     NONE_ANSWER,
     SHAPES,
     SPLITS,
+    SceneObject,
     SyntheticConfig,
+    caption_regions,
     generate,
     normalize_answer,
+    shape_summary,
 )
 
 TINY = SyntheticConfig(train_images=60, val_images=15, test_images=15, rl_images=15, seed=3)
@@ -296,7 +301,7 @@ def test_counts_and_meta(dataset_dir, records):
     assert meta["config"] == {
         "image_size": 48, "grid": 3, "max_objects": 4, "questions_per_image": 4,
         "train_images": 60, "val_images": 15, "test_images": 15, "rl_images": 15, "seed": 3,
-        "min_object_scale": 0.6, "max_object_scale": 0.9, "position_jitter": 1.0,
+        "min_object_scale": 0.6, "max_object_scale": 0.9, "position_jitter": 1.0, "caption_summary": False,
     }
     for split in SPLITS:
         vqa = records["vqa"][split]
@@ -421,3 +426,38 @@ def test_a_dataset_made_before_the_rl_split_gets_it_added_and_keeps_the_rest(dat
     assert split_digests(old, ("rl",)) == split_digests(dataset_dir, ("rl",))  # as a fresh run writes it
     assert json.loads((old / "meta.json").read_text())["config"]["rl_images"] == TINY.rl_images
     assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in dataset_dir.iterdir())
+
+
+def test_caption_summary_opens_each_caption_with_a_lookup_by_shape(tmp_path):
+    """data.synthetic.caption_summary: every colour word of the opening sentence follows its
+    shape; the rest of the caption, its region targets and the conversations' descriptions are
+    what they are without it."""
+    kwargs = dict(train_images=12, val_images=2, test_images=2, rl_images=2, seed=5)
+    generate(SyntheticConfig(**kwargs), tmp_path / "plain", progress=False)
+    generate(SyntheticConfig(**kwargs, caption_summary=True), tmp_path / "summed", progress=False)
+    plain, summed = load_records(tmp_path / "plain"), load_records(tmp_path / "summed")
+    for before, after in zip(plain["captions"]["train"], summed["captions"]["train"]):
+        summary, rest = after["caption"].split(". ", 1)
+        assert rest == before["caption"]
+        for obj in before["objects"]:
+            assert re.search(rf"the {obj['shape']}s? (is|are) [a-z, ]*\b{obj['colour']}\b", summary)
+        assert caption_regions(after["caption"], 3) == caption_regions(before["caption"], 3)
+    assert summed["conversations"] == plain["conversations"]
+    assert summed["vqa"] == plain["vqa"]
+
+
+def test_shape_summary_wording():
+    objects = [SceneObject("circle", "red", 0, 0, (0, 0, 9, 9), (255, 0, 0)),
+               SceneObject("square", "blue", 0, 1, (16, 0, 25, 9), (0, 0, 255)),
+               SceneObject("square", "green", 2, 2, (32, 32, 41, 41), (0, 255, 0))]
+    assert shape_summary(objects) == "the circle is red, the squares are blue and green."
+
+
+def test_a_dataset_written_before_caption_summary_existed_is_still_the_same_config(dataset_dir, tmp_path):
+    """A stored config without the field means the field's old behaviour (off): no refusal."""
+    copy = tmp_path / "old"
+    shutil.copytree(dataset_dir, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    del meta["config"]["caption_summary"]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert generate(TINY, copy, progress=False) == meta["counts"]

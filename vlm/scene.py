@@ -50,7 +50,7 @@ def caption_regions(caption: str, grid: int) -> dict[int, dict[str, str]]:
     targets): every phrase is '<location> <article> <colour> <shape>'. A caption outside that
     grammar is a ValueError naming the phrase."""
     locations = {location_phrase(r, c, grid): r * grid + c for r in range(grid) for c in range(grid)}
-    body = caption.strip().removesuffix(".")
+    body = re.sub(r"^the [^.]*\. ", "", caption.strip()).removesuffix(".")  # a shape summary says no cell
     phrases = re.split(r", | and ", body)
     regions: dict[int, dict[str, str]] = {}
     for phrase in phrases:
