@@ -1,6 +1,6 @@
 """Conversion speed and memory of `vqa-rlhf prep vqav2` on a VQA v2-sized annotation set.
 
-    vqa-rlhf bench-convert [--questions 443757] [--keep DIR]
+    vqa-rlhf bench convert [--questions 443757] [--keep DIR]
 
 Writes questions + annotations in the official format (v2_OpenEnded_mscoco_train2014_questions.json,
 v2_mscoco_train2014_annotations.json: 10 answers per question with answer_confidence and
@@ -70,7 +70,7 @@ def write_vqa_files(directory: Path, n_questions: int, seed: int = 0) -> tuple[P
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf bench-convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=443_757, help="questions to generate (VQA v2 train: 443,757)")
     parser.add_argument("--keep", help="write the inputs and the converted dataset here instead of a temp dir")

@@ -1,6 +1,6 @@
 """SFT step time with the CLIP feature cache vs computing the features on the fly, side by side.
 
-    vqa-rlhf bench-cache [--steps 5] [--batch-size 4] [--lora]
+    vqa-rlhf bench cache [--steps 5] [--batch-size 4] [--lora]
 
 Same model (GPT-2 124M + CLIP ViT-B/32 sized, built from configs, vision tower frozen),
 same batches (VQA-shaped: 50 image tokens + 30 text tokens), same optimizer. Images are
@@ -47,9 +47,9 @@ def setup(work: Path, image_count: int):
     from datasets import Dataset, DatasetDict
     from transformers import LlavaForConditionalGeneration
 
-    from bench.sft_throughput import MODELS
-    from data_prep.features import build_cache
     from vlm.model import build_processor, llava_config, scratch_configs
+    from data_prep.features import build_cache
+    from bench.sft_throughput import MODELS
 
     bench = MODELS["gpt2-124m"]
     processor = build_processor(bench.model, ["a tiny corpus for a tokenizer the bench does not use"])
@@ -72,8 +72,6 @@ def setup(work: Path, image_count: int):
 
 def timed_steps(model, optimizer, images, names, batch_size: int, text_tokens: int, steps: int, warmup: int = 1):
     from vlm.data import VLMCollator
-    from vlm.features import image_inputs
-
     cfg = model.config
     collate = VLMCollator(pad_token_id=0)
     generator = torch.Generator().manual_seed(0)
@@ -86,10 +84,10 @@ def timed_steps(model, optimizer, images, names, batch_size: int, text_tokens: i
             text = torch.randint(1, cfg.text_config.vocab_size - 1, (text_tokens,), generator=generator).tolist()
             ids = text[:4] + [cfg.image_token_index] * cfg.image_seq_length + text[4:]
             items.append({"input_ids": ids, "labels": [-100] * (len(ids) - 3) + ids[-3:],
-                          images.input_name: images(name)})
+                          images.kind.key: images(name)})
         batch = collate(items)
-        image_batch = batch.pop(images.input_name)
-        loss = model(**batch, **image_inputs(model, image_batch, images.input_name)).loss
+        image_batch = batch.pop(images.kind.key)
+        loss = model(**batch, **images.kind.model_inputs(model, image_batch)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,7 +97,7 @@ def timed_steps(model, optimizer, images, names, batch_size: int, text_tokens: i
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf bench-cache", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench cache", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (after 1 warm-up step)")
     parser.add_argument("--batch-size", type=int, default=4)

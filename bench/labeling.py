@@ -1,6 +1,6 @@
 """Labeling app benchmark: label submissions per second with concurrent clients, and next-item latency.
 
-    vqa-rlhf bench-labels [--clients 8] [--seconds 10] [--samples 5000]
+    vqa-rlhf bench labels [--clients 8] [--seconds 10] [--samples 5000]
 
 Builds a throwaway label store of --samples candidate answers, starts the app
 (`vqa-rlhf label`) as its own process, and runs --clients client processes that
@@ -73,7 +73,7 @@ def client(port: int, name: str, seconds: float, queue) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf bench-labels", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench labels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8, help="concurrent client processes (default 8)")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the clients label (default 10)")

@@ -1,6 +1,6 @@
 """PPO throughput: rollout and update samples/s of the image-aware PPO trainer (stages/ppo.py).
 
-    vqa-rlhf bench-ppo [--models default,gpt2-124m] [--images pixels,features] [--updates 3] [--threads N]
+    vqa-rlhf bench ppo [--models default,gpt2-124m] [--images pixels,features] [--updates 3] [--threads N]
 
 For each model (built from configs, random weights, no downloads; the shapes of
 bench/sft_throughput.py) it builds the policy, a reference copy, and a reward and a
@@ -22,7 +22,12 @@ import tempfile
 import time
 
 import torch
+from trl.experimental.ppo import PPOConfig as TRLPPOConfig
 
+from vlm.image_input import FEATURES, PIXELS
+from rewards.base import Reward
+from rewards.ppo_trainer import PromptCollator, VisionPPOTrainer
+from rewards.reward_model import RewardModel, RewardModelConfig
 from bench.sft_throughput import MODELS, add_model_options, apply_model_options, build
 
 
@@ -35,12 +40,9 @@ class _TokenIds:
         return ["-"] * len(ids)
 
 
-def model_forward_reward(reward_model, dataset, input_name: str, answer_tokens: int):
+def model_forward_reward(reward_model, dataset, kind, answer_tokens: int):
     """What a learned reward (rewards/model_reward.py) costs: one reward-model forward per answer over
     its prompt + an answer of `answer_tokens` ids, with the image input, at the last token."""
-    from rewards.base import Reward
-    from vlm.features import image_inputs
-
     class ModelForward(Reward):
         def __init__(self):
             super().__init__()
@@ -51,20 +53,14 @@ def model_forward_reward(reward_model, dataset, input_name: str, answer_tokens: 
             items = [dataset[int(i.record_id)] for i in inputs]
             ids = torch.tensor([item["input_ids"] + [9] * answer_tokens for item in items])
             device = next(self.model.parameters()).device
-            images = torch.stack([item[input_name] for item in items]).to(device)
+            images = torch.stack([item[kind.key] for item in items]).to(device)
             return self.model(ids.to(device), torch.ones_like(ids).to(device),
-                              **image_inputs(self.model, images, input_name)).cpu()
+                              **kind.model_inputs(self.model, images)).cpu()
 
     return ModelForward()
 
 
 def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int, images: str):
-    from trl.experimental.ppo import PPOConfig as TRLPPOConfig
-
-    from rewards.reward_model import RewardModel, RewardModelConfig
-    from stages.ppo import PromptCollator, VisionPPOTrainer
-    from vlm.features import IMAGE_FEATURES
-
     torch.manual_seed(0)
     policy = build(bench)
     config = policy.config
@@ -74,12 +70,12 @@ def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, 
     for model in (policy, value):
         model.model.vision_tower.requires_grad_(False)
     vision = config.vision_config
-    image_shape = {"pixel_values": (3, vision.image_size, vision.image_size),
-                   IMAGE_FEATURES: (1 + (vision.image_size // vision.patch_size) ** 2, vision.hidden_size)}
-    input_name = {"pixels": "pixel_values", "features": IMAGE_FEATURES}[images]
+    kind = {"pixels": PIXELS, "features": FEATURES}[images]
+    image_shape = {PIXELS: (3, vision.image_size, vision.image_size),
+                   FEATURES: (1 + (vision.image_size // vision.patch_size) ** 2, vision.hidden_size)}[kind]
     prompt = lambda: ([5, 6, 7] + [config.image_token_index] * config.image_seq_length
                       + torch.randint(10, bench.vocab_size - 2, (bench.text_tokens - 6,)).tolist())
-    dataset = [{"input_ids": prompt(), input_name: torch.randn(image_shape[input_name]),
+    dataset = [{"input_ids": prompt(), kind.key: torch.randn(image_shape),
                 "reference": {"id": str(i), "image": str(i), "question": "", "answers": [], "caption": None}}
                for i in range(batch_size)]
     args = TRLPPOConfig(
@@ -90,9 +86,9 @@ def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, 
     )
     return VisionPPOTrainer(
         args=args, processing_class=_TokenIds(), model=policy, ref_model=ref,
-        reward_model=model_forward_reward(reward, dataset, input_name, max_new_tokens),
+        reward_model=model_forward_reward(reward, dataset, kind, max_new_tokens),
         value_model=value, train_dataset=dataset, eval_dataset=dataset, data_collator=PromptCollator(0),
-        image_token_id=config.image_token_index, max_grad_norm=1.0, policy_input=input_name, critic_input=input_name,
+        image_token_id=config.image_token_index, max_grad_norm=1.0, policy_input=kind, critic_input=kind,
     )
 
 
@@ -121,7 +117,7 @@ def bench_model(bench, updates: int, batch_size: int, max_new_tokens: int, ppo_e
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf bench-ppo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench ppo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     parser.add_argument("--images", default="pixels,features",

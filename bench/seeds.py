@@ -1,6 +1,6 @@
 """Seed spread of a recipe: vision pretraining + SFT + eval for several seeds, mean and sd per family.
 
-    vqa-rlhf bench-seeds [CONFIG] [--seeds 0,1,2] [key=value ...]
+    vqa-rlhf bench seeds [CONFIG] [--seeds 0,1,2] [key=value ...]
 
 One CPU run is bit-identical to the next on the same machine, but a different seed (model
 initialisation, batch order) or another CPU gives another figure: the built-in run once gave
@@ -19,9 +19,9 @@ import statistics
 import sys
 import time
 
-from stages import pipeline
-from stages.common import DEFAULT_CONFIG, config_path_and_overrides
+from vlm import pipeline
 from vlm.config import ConfigError, load_config
+from vlm.stage_cli import DEFAULT_CONFIG, config_path_and_overrides
 
 RECIPE_STAGES = ("prep", "vision", "sft", "eval")
 
@@ -37,12 +37,12 @@ def run_seed(config_path: str, overrides: list[str], seed: int) -> dict:
     stages = [s for s in RECIPE_STAGES if s in seeded.stages]
     started = time.perf_counter()
     if pipeline.run(seeded, config_path, stages, seed_overrides, force=False) != 0:
-        raise SystemExit(f"bench-seeds: seed {seed} failed (see above); re-run to resume it")
-    metrics = json.loads((seeded.run_dir / "eval" / "sft" / "metrics.json").read_text())
-    vision = seeded.run_dir / "vision" / "metrics.json"
+        raise SystemExit(f"bench seeds: seed {seed} failed (see above); re-run to resume it")
+    metrics = json.loads(seeded.paths.eval_metrics("sft").read_text())
+    vision = seeded.paths.metrics("vision")
     return {"seed": seed, "overall": metrics["vqa_accuracy"], "families": metrics["by_question_family"],
             "probe_shape": json.loads(vision.read_text())["probe"]["shape"] if vision.is_file() else None,
-            "sft_seconds": json.loads((seeded.run_dir / "sft" / "metrics.json").read_text())["seconds"],
+            "sft_seconds": json.loads(seeded.paths.metrics("sft").read_text())["seconds"],
             "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -66,7 +66,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf bench-seeds", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench seeds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="YAML run config")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     except (ValueError, ConfigError) as exc:
         sys.exit(f"error: {exc}")
     results = [run_seed(config_path, overrides, seed) for seed in seeds]
-    print(f"\nbench-seeds: {config_path} {' '.join(overrides)}; test VQA accuracy (official metric) by seed\n")
+    print(f"\nbench seeds: {config_path} {' '.join(overrides)}; test VQA accuracy (official metric) by seed\n")
     print(table(results))
     return 0
 

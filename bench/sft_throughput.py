@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vlm.config import ModelConfig
-from vlm.features import IMAGE_FEATURES, image_inputs
+from vlm.image_input import FEATURES, PIXELS, input_kind_of
 
 
 @dataclass
@@ -85,18 +85,17 @@ def batch_for(model, bench: BenchModel) -> dict:
     labels[:, : input_ids.shape[1] - 3] = -100  # a short answer at the end, as in VQA
     size = cfg.vision_config.image_size
     if bench.cached_features:
-        images = {IMAGE_FEATURES: torch.randn(bench.batch_size, image_tokens, cfg.vision_config.hidden_size)}
+        images = {FEATURES.key: torch.randn(bench.batch_size, image_tokens, cfg.vision_config.hidden_size)}
     else:
-        images = {"pixel_values": torch.randn(bench.batch_size, 3, size, size)}
+        images = {PIXELS.key: torch.randn(bench.batch_size, 3, size, size)}
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels, **images}
 
 
 def forward(model, batch: dict):
     """The training forward; cached features enter through the projector as SFT feeds them."""
-    if IMAGE_FEATURES not in batch:
-        return model(**batch)
-    rest = {k: v for k, v in batch.items() if k != IMAGE_FEATURES}
-    return model(**rest, **image_inputs(model, batch[IMAGE_FEATURES], IMAGE_FEATURES))
+    kind = input_kind_of(batch)
+    rest = {k: v for k, v in batch.items() if k != kind.key}
+    return model(**rest, **kind.model_inputs(model, batch[kind.key]))
 
 
 def step_flops(model, batch: dict) -> float:
@@ -111,7 +110,7 @@ def step_flops(model, batch: dict) -> float:
         params[part] += p.numel()
     text, vision = cfg.text_config, cfg.vision_config
     vision_layers = vision.num_hidden_layers
-    if IMAGE_FEATURES in batch:  # the tower does not run: its FLOPs are not the step's
+    if input_kind_of(batch).cached:  # the tower does not run: its FLOPs are not the step's
         params["vision"], vision_layers = 0, 0
     matmul = 6 * batch_size * (params["vision"] * patches + params["projector"] * patches + params["language"] * seq)
     attention = 12 * batch_size * (text.n_layer * seq**2 * text.n_embd
@@ -147,7 +146,7 @@ def bench_model(bench: BenchModel, steps: int, warmup: int = 2, compile: bool = 
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--models and --threads, as the model benchmarks (bench, bench-ppo) spell them."""
+    """--models and --threads, as the model benchmarks (bench sft, bench ppo) spell them."""
     parser.add_argument("--models", default="default,default-cached,gpt2-124m", help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -164,7 +163,7 @@ def apply_model_options(parser: argparse.ArgumentParser, args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")

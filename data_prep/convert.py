@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
+
+from tqdm.auto import tqdm
 
 from vlm.data import MAX_IMAGE_PIXELS, RejectLog, check_image_path, load_rgb, move_image_token
 
@@ -258,8 +261,6 @@ class Conversion:
         self.rejects.reject(rid, str(source), str(error))  # raises under --on-bad-record error
 
     def progress(self, iterable, source: Path):
-        from tqdm.auto import tqdm
-
         for item in tqdm(iterable, desc=f"{self.kind} {Path(source).name}", unit=" records", mininterval=0.5):
             self.read[str(source)] += 1
             yield item
@@ -288,7 +289,6 @@ class Conversion:
         records whose image is missing, empty, corrupt, too large or outside the root are rejected."""
         if not self.check_images:
             return columns
-        from tqdm.auto import tqdm
 
         unique = sorted({image for image in columns["image"] if image is not None})
         with ThreadPoolExecutor(self.workers) as pool:
@@ -422,86 +422,100 @@ def vqa_image_naming(args, conv: Conversion, image_ids: list[int], subtype: str 
     return "coco2014" if subtype else "coco2017"
 
 
-def convert_vqav2(args, conv: Conversion) -> dict[str, int]:
-    questions_file = Path(args.questions)
-    header: dict = {}
-    ids, image_ids, questions, index_of, dropped = [], [], [], {}, set()
+@dataclasses.dataclass
+class VQAQuestions:
+    """A VQA v2 questions file, read: the kept questions in order, and the ids rejected."""
+    ids: list = dataclasses.field(default_factory=list)
+    image_ids: list = dataclasses.field(default_factory=list)
+    questions: list = dataclasses.field(default_factory=list)
+    index_of: dict = dataclasses.field(default_factory=dict)
+    dropped: set = dataclasses.field(default_factory=set)
+
+
+def read_vqa_questions(questions_file: Path, conv: Conversion, header: dict) -> VQAQuestions:
+    read = VQAQuestions()
     for _, q in conv.progress(json_records(questions_file, ("questions",), header), questions_file):
         rid = record_id(q, "question_id", f"#{conv.read[str(questions_file)]}")
         try:
             if not isinstance(q, dict):
                 raise BadRecord("malformed record", "a question must be a JSON object")
             int_field(q, "question_id")
-            if rid in index_of or rid in dropped:
+            if rid in read.index_of or rid in read.dropped:
                 raise BadRecord("duplicate id", f"field 'question_id' {rid} appears more than once")
             image_id = int_field(q, "image_id")
             question = clean_text(q.get("question"), "question")
         except BadRecord as bad:
-            dropped.add(rid)
+            read.dropped.add(rid)
             conv.reject(rid, questions_file, bad)
             continue
-        index_of[rid] = len(ids)
-        ids.append(rid)
-        image_ids.append(image_id)
-        questions.append(question)
+        read.index_of[rid] = len(read.ids)
+        read.ids.append(rid)
+        read.image_ids.append(image_id)
+        read.questions.append(question)
+    return read
 
-    subtype_name = header.get("data_subtype") if isinstance(header.get("data_subtype"), str) else None
-    split = infer_split(args, questions_file.name, subtype_name, table=VQA_SPLITS)
-    n = len(ids)
+
+def checked_annotation(a, rid, i, questions: VQAQuestions, questions_file: Path, seen: set):
+    """(answers, multiple-choice answer, answer type, question type) of one annotation, or BadRecord;
+    None for an annotation of a question rejected already (with its reason)."""
+    if not isinstance(a, dict):
+        raise BadRecord("malformed record", "an annotation must be a JSON object")
+    if rid in seen:
+        raise BadRecord("duplicate id", f"field 'question_id' {rid} has more than one annotation")
+    seen.add(rid)
+    if i is None:
+        if rid in questions.dropped:
+            return None
+        raise BadRecord("annotation without question", f"field 'question_id' {rid} is not in {questions_file.name}")
+    if a.get("image_id") != questions.image_ids[i]:
+        raise BadRecord("image mismatch", f"field 'image_id' {a.get('image_id')!r} differs from the "
+                                          f"question's image_id {questions.image_ids[i]}")
+    raw = a.get("answers")
+    if not isinstance(raw, list) or len(raw) != 10:
+        got = len(raw) if isinstance(raw, list) else raw
+        raise BadRecord("not 10 answers", f"field 'answers' must list 10 answers, got {got!r}")
+    texts = [r.get("answer") if isinstance(r, dict) else None for r in raw]
+    joined = "".join(t for t in texts if isinstance(t, str))
+    if not all(isinstance(t, str) for t in texts) or _BAD_TEXT.search(joined) or IMAGE_TOKEN in joined:
+        for k, text in enumerate(texts):
+            clean_text(text, f"answers[{k}].answer", allow_empty=True)
+    return (texts, clean_text(a.get("multiple_choice_answer"), "multiple_choice_answer"),
+            clean_text(a.get("answer_type"), "answer_type"), clean_text(a.get("question_type"), "question_type"))
+
+
+def read_vqa_annotations(annotations_file: Path, conv: Conversion, questions: VQAQuestions, questions_file: Path):
+    """Each kept question's 10 answers, multiple-choice answer, answer and question type, and which
+    questions are bad (a bad annotation, or none): -> (answers, mc, answer types, question types, bad)."""
+    n = len(questions.ids)
     answers, mc_answers, answer_types, question_types = [None] * n, [""] * n, [""] * n, [""] * n
     bad = [False] * n
-    sources = [str(questions_file)] * n
-    if args.annotations:
-        annotations_file = Path(args.annotations)
-        seen = set()
-        for _, a in conv.progress(json_records(annotations_file, ("annotations",)), annotations_file):
-            rid = record_id(a, "question_id", f"#{conv.read[str(annotations_file)]}")
-            i = index_of.get(rid)
-            try:
-                if not isinstance(a, dict):
-                    raise BadRecord("malformed record", "an annotation must be a JSON object")
-                if rid in seen:
-                    raise BadRecord("duplicate id", f"field 'question_id' {rid} has more than one annotation")
-                seen.add(rid)
-                if i is None:
-                    if rid in dropped:
-                        continue  # its question was rejected already, with its reason
-                    raise BadRecord("annotation without question",
-                                    f"field 'question_id' {rid} is not in {questions_file.name}")
-                if a.get("image_id") != image_ids[i]:
-                    raise BadRecord("image mismatch", f"field 'image_id' {a.get('image_id')!r} differs from the "
-                                                      f"question's image_id {image_ids[i]}")
-                raw = a.get("answers")
-                if not isinstance(raw, list) or len(raw) != 10:
-                    got = len(raw) if isinstance(raw, list) else raw
-                    raise BadRecord("not 10 answers", f"field 'answers' must list 10 answers, got {got!r}")
-                texts = [r.get("answer") if isinstance(r, dict) else None for r in raw]
-                joined = "".join(t for t in texts if isinstance(t, str))
-                if not all(isinstance(t, str) for t in texts) or _BAD_TEXT.search(joined) or IMAGE_TOKEN in joined:
-                    for k, text in enumerate(texts):
-                        clean_text(text, f"answers[{k}].answer", allow_empty=True)
-                mc = clean_text(a.get("multiple_choice_answer"), "multiple_choice_answer")
-                answer_type = clean_text(a.get("answer_type"), "answer_type")
-                question_type = clean_text(a.get("question_type"), "question_type")
-            except BadRecord as problem:
-                if i is not None:
-                    bad[i] = True
-                conv.reject(rid, annotations_file, problem)
-                continue
-            answers[i] = [sys.intern(t) for t in texts]  # "yes", "no", "2": a few thousand distinct strings
-            mc_answers[i], answer_types[i], question_types[i] = sys.intern(mc), sys.intern(answer_type), sys.intern(question_type)
-        for i in range(n):
-            if answers[i] is None and not bad[i]:
+    seen = set()
+    for _, a in conv.progress(json_records(annotations_file, ("annotations",)), annotations_file):
+        rid = record_id(a, "question_id", f"#{conv.read[str(annotations_file)]}")
+        i = questions.index_of.get(rid)
+        try:
+            checked = checked_annotation(a, rid, i, questions, questions_file, seen)
+        except BadRecord as problem:
+            if i is not None:
                 bad[i] = True
-                conv.reject(ids[i], annotations_file, BadRecord(
-                    "question without annotation", f"question {ids[i]} has no entry in {annotations_file.name} "
-                    "(train/val questions need their 10 answers)"))
-    elif split in ("train", "val"):
-        raise InputError(f"{questions_file}: split '{split}' needs --annotations (its 10 answers per question); "
-                         "questions without answers convert for inference only (e.g. --split test_dev)")
-    else:
-        answers = [[] for _ in range(n)]  # inference only: check_vqa_record keeps these out of training
+            conv.reject(rid, annotations_file, problem)
+            continue
+        if checked is None:
+            continue  # its question was rejected already, with its reason
+        texts, mc, answer_type, question_type = checked
+        answers[i] = [sys.intern(t) for t in texts]  # "yes", "no", "2": a few thousand distinct strings
+        mc_answers[i], answer_types[i], question_types[i] = sys.intern(mc), sys.intern(answer_type), sys.intern(question_type)
+    for i in range(n):
+        if answers[i] is None and not bad[i]:
+            bad[i] = True
+            conv.reject(questions.ids[i], annotations_file, BadRecord(
+                "question without annotation", f"question {questions.ids[i]} has no entry in {annotations_file.name} "
+                "(train/val questions need their 10 answers)"))
+    return answers, mc_answers, answer_types, question_types, bad
 
+
+def vqa_image_pattern(args, conv: Conversion, questions_file: Path, subtype_name: str | None, image_ids) -> str:
+    """The image path of an image id, as a format string (COCO 2014 or 2017 file names)."""
     subtype = re.search(r"(train|val|test|test-dev)20\d\d", subtype_name or questions_file.name)
     subtype = subtype.group(0) if subtype else None
     if subtype and subtype.startswith("test"):
@@ -510,13 +524,33 @@ def convert_vqav2(args, conv: Conversion) -> dict[str, int]:
     if naming == "coco2014" and not subtype:
         raise InputError(f"{questions_file}: cannot tell the COCO image prefix (COCO_train2014_...) from the "
                          "file name or data_subtype; pass --image-naming coco2017 or rename the file")
-    pattern = f"{conv.image_prefix}/COCO_{subtype}_{{:012d}}.jpg" if naming == "coco2014" else f"{conv.image_prefix}/{{:012d}}.jpg"
-    path_of = {image_id: pattern.format(image_id) for image_id in set(image_ids)}
+    return f"{conv.image_prefix}/COCO_{subtype}_{{:012d}}.jpg" if naming == "coco2014" else f"{conv.image_prefix}/{{:012d}}.jpg"
+
+
+def convert_vqav2(args, conv: Conversion) -> dict[str, int]:
+    questions_file = Path(args.questions)
+    header: dict = {}
+    read = read_vqa_questions(questions_file, conv, header)
+    subtype_name = header.get("data_subtype") if isinstance(header.get("data_subtype"), str) else None
+    split = infer_split(args, questions_file.name, subtype_name, table=VQA_SPLITS)
+    n = len(read.ids)
+    if args.annotations:
+        answers, mc_answers, answer_types, question_types, bad = read_vqa_annotations(
+            Path(args.annotations), conv, read, questions_file)
+    elif split in ("train", "val"):
+        raise InputError(f"{questions_file}: split '{split}' needs --annotations (its 10 answers per question); "
+                         "questions without answers convert for inference only (e.g. --split test_dev)")
+    else:
+        answers = [[] for _ in range(n)]  # inference only: check_vqa_record keeps these out of training
+        mc_answers, answer_types, question_types, bad = [""] * n, [""] * n, [""] * n, [False] * n
+
+    pattern = vqa_image_pattern(args, conv, questions_file, subtype_name, read.image_ids)
+    path_of = {image_id: pattern.format(image_id) for image_id in set(read.image_ids)}
     keep = [i for i in range(n) if not bad[i]]
     columns = {
-        "id": [ids[i] for i in keep],
-        "image": [path_of[image_ids[i]] for i in keep],
-        "question": [questions[i] for i in keep],
+        "id": [read.ids[i] for i in keep],
+        "image": [path_of[read.image_ids[i]] for i in keep],
+        "question": [read.questions[i] for i in keep],
         "answers": [answers[i] for i in keep],
         "multiple_choice_answer": [mc_answers[i] for i in keep],
         "answer_type": [answer_types[i] for i in keep],

@@ -27,10 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPImageProcessor, CLIPVisionModel
 
 from vlm.data import check_image_path, load_rgb
-from vlm.features import FORMAT_VERSION, signature, vision_features
+from vlm.features import FORMAT_VERSION, signature
 from vlm.files import write_json
+from vlm.image_input import vision_features
 
 DATASET_KINDS = ("vqa", "captions", "conversations")
 
@@ -68,7 +72,6 @@ def load_vision(model_name: str, feature_layer: int | None):
             raise SystemExit(f"error: {path} uses vision_feature_layer={layer}; --feature-layer {feature_layer} "
                              f"would make a cache it cannot use")
         return model.model.vision_tower, processor.image_processor, layer
-    from transformers import CLIPImageProcessor, CLIPVisionModel
 
     return (CLIPVisionModel.from_pretrained(model_name), CLIPImageProcessor.from_pretrained(model_name),
             -1 if feature_layer is None else feature_layer)
@@ -97,8 +100,6 @@ def _start_or_resume(out: Path, meta: dict, shape: tuple, dtype: str):
 def build_cache(model_name: str, data_dir: str | Path, out: str | Path, feature_layer: int | None = None,
                 batch_size: int = 64, dtype: str = "float32", max_batches: int | None = None) -> dict:
     """Encodes the images not yet in the cache; returns counts. `max_batches` stops early (tests)."""
-    from tqdm.auto import tqdm
-
     data_dir, out = Path(data_dir), Path(out)
     images = dataset_images(data_dir)
     if not images:
@@ -140,8 +141,6 @@ def build_cache(model_name: str, data_dir: str | Path, out: str | Path, feature_
 
 def blank_image(image_processor):
     """A blank image at the processor's crop size: one forward tells the feature shape."""
-    from PIL import Image
-
     crop = image_processor.crop_size or {"height": 224, "width": 224}
     return Image.new("RGB", (crop["width"], crop["height"]))
 

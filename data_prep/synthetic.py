@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
@@ -42,13 +41,25 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+# The scene vocabulary and caption grammar live in vlm/scene.py (re-exported here: the generator's words)
+from vlm.scene import (  # noqa: F401
+    COLOURS,
+    COLUMN_WORDS_BY_GRID,
+    POSITIONS,
+    ROW_WORDS,
+    ROW_WORDS_BY_GRID,
+    SHAPES,
+    caption_regions,
+    cell_name,
+    location_phrase,
+)
 
 # ---------------------------------------------------------------------------
 # Vocabulary (module-level so tokenizer / reward / eval code can import it)
 # ---------------------------------------------------------------------------
 
-SHAPES = ("circle", "square", "triangle")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 
 # Far apart in RGB so that +-COLOUR_JITTER never makes two colours overlap
 # (the closest pair, red/orange, is ~100 apart; jitter moves at most ~26).
@@ -61,17 +72,6 @@ COLOUR_RGB = {
     "orange": (245, 140, 30),
 }
 COLOUR_JITTER = 15
-
-# Answer words of the `position` family (the column of the object) for the
-# default 3 x 3 grid, and the matching row words used in captions.
-POSITIONS = ("left", "middle", "right")
-ROW_WORDS = ("top", "middle", "bottom")
-
-# Column / row words for each supported grid size.  Larger grids would need
-# words like "second from the left", which the question templates do not
-# support, so the config rejects them.
-COLUMN_WORDS_BY_GRID = {1: ("middle",), 2: ("left", "right"), 3: POSITIONS}
-ROW_WORDS_BY_GRID = {1: ("middle",), 2: ("top", "bottom"), 3: ROW_WORDS}
 
 # `rl`: images SFT never trains on, for sampling answers to label and for RL prompts. Its
 # scenes come from train's slice of the scene space (the distribution SFT learns), drawn from
@@ -306,26 +306,6 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def cell_name(row: int, col: int, grid: int) -> str:
-    """'top left', 'top', 'left', 'middle', ... (a middle row/column is dropped)."""
-    row_word = ROW_WORDS_BY_GRID[grid][row]
-    col_word = COLUMN_WORDS_BY_GRID[grid][col]
-    if row_word == "middle":
-        return col_word
-    if col_word == "middle":
-        return row_word
-    return f"{row_word} {col_word}"
-
-
-def location_phrase(row: int, col: int, grid: int) -> str:
-    name = cell_name(row, col, grid)
-    if name == "middle":
-        return "in the middle"
-    if name in ("left", "right"):
-        return f"on the {name}"
-    return f"at the {name}"
-
-
 def _listing(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
@@ -356,27 +336,6 @@ def caption_for(objects: Scene, grid: int, summary: bool = False) -> str:
     ]
     caption = _listing(parts) + "."
     return f"{shape_summary(objects)} {caption}" if summary else caption
-
-
-def caption_regions(caption: str, grid: int) -> dict[int, dict[str, str]]:
-    """What a caption says is in each cell: {row * grid + col: {"colour": ..., "shape": ...}}.
-
-    The inverse of `caption_for`, read from the text alone (the vision stage's region-text
-    targets): every phrase is '<location> <article> <colour> <shape>'. A caption outside that
-    grammar is a ValueError naming the phrase."""
-    locations = {location_phrase(r, c, grid): r * grid + c for r in range(grid) for c in range(grid)}
-    body = re.sub(r"^the [^.]*\. ", "", caption.strip()).removesuffix(".")  # a shape summary says no cell
-    phrases = re.split(r", | and ", body)
-    regions: dict[int, dict[str, str]] = {}
-    for phrase in phrases:
-        words = phrase.split()
-        location = " ".join(words[:-3])
-        if len(words) < 5 or location not in locations or words[-3] not in ("a", "an") \
-                or words[-2] not in COLOURS or words[-1] not in SHAPES:
-            raise ValueError(f"caption phrase {phrase!r} is not '<location> a <colour> <shape>' "
-                             f"(caption: {caption!r})")
-        regions[locations[location]] = {"colour": words[-2], "shape": words[-1]}
-    return regions
 
 
 def count_where(objects: Scene, **attributes) -> int:
@@ -442,33 +401,26 @@ def ask_exists(objects: Scene, grid: int, rng: random.Random, asked: set) -> Opt
     return Question(text(colour, shape), "no", "exists")
 
 
-def ask_count_shape(objects: Scene, grid: int, rng: random.Random, asked: set) -> Optional[Question]:
-    def text(shape):
-        return f"How many {shape}s are there?"
-
-    shapes = [s for s in SHAPES if text(s) not in asked]
-    if not shapes:
+def ask_count_of(objects: Scene, rng: random.Random, asked: set, attribute: str, values: tuple, template: str,
+                 family: str) -> Optional[Question]:
+    """How many objects have a value of `attribute`, mostly a present value: six colours but at
+    most four objects, uniform picks would make "0" the most common answer; absent values give
+    the "0" answers."""
+    candidates = [v for v in values if template.format(v) not in asked]
+    if not candidates:
         return None
-    # Mostly present shapes (answers 1..4); absent ones give the "0" answers.
-    present = [s for s in shapes if count_where(objects, shape=s)]
-    absent = [s for s in shapes if not count_where(objects, shape=s)]
-    shape = pick_preferring(rng, present, absent, preference=0.8)
-    return Question(text(shape), str(count_where(objects, shape=shape)), "count_shape")
+    present = [v for v in candidates if count_where(objects, **{attribute: v})]
+    absent = [v for v in candidates if not count_where(objects, **{attribute: v})]
+    value = pick_preferring(rng, present, absent, preference=0.8)
+    return Question(template.format(value), str(count_where(objects, **{attribute: value})), family)
+
+
+def ask_count_shape(objects: Scene, grid: int, rng: random.Random, asked: set) -> Optional[Question]:
+    return ask_count_of(objects, rng, asked, "shape", SHAPES, "How many {}s are there?", "count_shape")
 
 
 def ask_count_colour(objects: Scene, grid: int, rng: random.Random, asked: set) -> Optional[Question]:
-    def text(colour):
-        return f"How many {colour} objects are there?"
-
-    colours = [c for c in COLOURS if text(c) not in asked]
-    if not colours:
-        return None
-    # Six colours but at most four objects: uniform picks would make "0" the
-    # most common answer, so prefer colours that are present.
-    present = [c for c in colours if count_where(objects, colour=c)]
-    absent = [c for c in colours if not count_where(objects, colour=c)]
-    colour = pick_preferring(rng, present, absent, preference=0.8)
-    return Question(text(colour), str(count_where(objects, colour=colour)), "count_colour")
+    return ask_count_of(objects, rng, asked, "colour", COLOURS, "How many {} objects are there?", "count_colour")
 
 
 def ask_count_all(objects: Scene, grid: int, rng: random.Random, asked: set) -> Optional[Question]:
@@ -478,29 +430,26 @@ def ask_count_all(objects: Scene, grid: int, rng: random.Random, asked: set) -> 
     return Question(text, str(len(objects)), "count_all")
 
 
-def ask_colour_of_shape(objects: Scene, grid: int, rng: random.Random, asked: set) -> Optional[Question]:
-    def text(shape):
-        return f"What color is the {shape}?"
-
-    # Only unambiguous references: exactly one object of that shape.
-    unique = [s for s in SHAPES if count_where(objects, shape=s) == 1 and text(s) not in asked]
+def ask_about_the_unique(objects: Scene, rng: random.Random, asked: set, known: str, values: tuple, wanted: str,
+                         template: str, family: str) -> Optional[Question]:
+    """The `wanted` attribute of the one object whose `known` attribute has a given value; only
+    unambiguous references (exactly one object with that value), not asked already."""
+    unique = [v for v in values if count_where(objects, **{known: v}) == 1 and template.format(v) not in asked]
     if not unique:
         return None
-    shape = rng.choice(unique)
-    (target,) = [o for o in objects if o.shape == shape]
-    return Question(text(shape), target.colour, "colour_of_shape")
+    value = rng.choice(unique)
+    (target,) = [o for o in objects if getattr(o, known) == value]
+    return Question(template.format(value), getattr(target, wanted), family)
+
+
+def ask_colour_of_shape(objects: Scene, grid: int, rng: random.Random, asked: set) -> Optional[Question]:
+    return ask_about_the_unique(objects, rng, asked, "shape", SHAPES, "colour", "What color is the {}?",
+                                "colour_of_shape")
 
 
 def ask_shape_of_colour(objects: Scene, grid: int, rng: random.Random, asked: set) -> Optional[Question]:
-    def text(colour):
-        return f"What shape is the {colour} object?"
-
-    unique = [c for c in COLOURS if count_where(objects, colour=c) == 1 and text(c) not in asked]
-    if not unique:
-        return None
-    colour = rng.choice(unique)
-    (target,) = [o for o in objects if o.colour == colour]
-    return Question(text(colour), target.shape, "shape_of_colour")
+    return ask_about_the_unique(objects, rng, asked, "colour", COLOURS, "shape", "What shape is the {} object?",
+                                "shape_of_colour")
 
 
 def ask_position(objects: Scene, grid: int, rng: random.Random, asked: set) -> Optional[Question]:
@@ -827,7 +776,6 @@ def split_counts(records: dict) -> dict:
 
 def _write_dataset(config: SyntheticConfig, dataset_dir: Path, progress: bool) -> dict:
     import datasets
-    from tqdm.auto import tqdm
 
     features = _features()
     split_records = {}
@@ -907,7 +855,6 @@ def _add_split(config: SyntheticConfig, out_dir: Path, meta: dict, split: str) -
     """Adds one split to a complete dataset; the other splits' records and images stay as they are.
     meta.json is rewritten last, so a killed run leaves the old meta and the next run redoes it."""
     import datasets
-    from tqdm.auto import tqdm
 
     print(f"synthetic dataset at {out_dir} was made before the {split} split existed; adding it "
           f"({config.images(split)} images; the other splits are unchanged)")

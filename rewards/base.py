@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from rewards.registry import check_reward_config, reward_class, reward_names
+
 
 @dataclass(frozen=True)
 class RewardInput:
@@ -40,7 +42,7 @@ class RewardContext:
     """What building a reward needs from the stage that uses it.
 
     `processor`: the policy's (a reward model reads the policy's token ids, and PPO's critic
-    starts as one). `images_for(model)`: an image source (path -> tensor, with `input_name`)
+    starts as one). `images_for(model)`: an image source (path -> tensor, with its `kind`)
     that fits that model's vision tower: pixels, or the feature cache when the tower made it."""
     processor: object
     images_for: Callable[[nn.Module], Callable]
@@ -95,8 +97,7 @@ class MixedReward(Reward):
 
 def build_reward(config, context: RewardContext) -> Reward:
     """The reward of `config.ppo` (a name, or names joined by '+' mixed with ppo.reward_weights)."""
-    from rewards.registry import reward_class, reward_names
-
+    check_reward_config(config.ppo)
     names = reward_names(config.ppo.reward)
     parts = {name: reward_class(name).from_config(config, context) for name in names}
     for name, part in parts.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from vlm.vqa_metric import normalize_answer
 from rewards.labels_io import binary_metrics, breakdown_key, fit_threshold
 
 
@@ -31,8 +32,6 @@ def similarity_scores(model, rows: list[dict]) -> list[float]:
 
 
 def exact_match_scores(rows: list[dict]) -> list[float]:
-    from vlm.vqa_metric import normalize_answer
-
     return [float(normalize_answer(r["answer"]) in {normalize_answer(a) for a in r["gt_answers"]}) for r in rows]
 
 

@@ -18,7 +18,10 @@ from dataclasses import replace
 
 import torch
 
+from vlm.data import reference_of, vqa_prompt
+from vlm.generate import generate
 from vlm.vqa_metric import normalize_answer, vqa_accuracy
+from rewards.base import inputs_from_references
 
 
 def ranking_accuracy(rows: list[dict], scores: list[float]) -> dict:
@@ -64,10 +67,6 @@ def best_of_n(policy, processor, reward, records: list[dict], images, captions: 
 
     `images` is the policy's image source; `data` the DataConfig (prompt template, max length);
     `decoding` the sampling settings (temperature, top_p, max_new_tokens)."""
-    from rewards.base import inputs_from_references
-    from vlm.data import reference_of, vqa_prompt
-    from vlm.generate import generate
-
     torch.manual_seed(seed)
     policy.eval()
     tokenizer = processor.tokenizer
@@ -77,9 +76,9 @@ def best_of_n(policy, processor, reward, records: list[dict], images, captions: 
         pixels = torch.stack([images(r["image"]) for r in batch])
         prompts = [vqa_prompt(data.prompt_template, r["question"]) for r in batch]
         greedy = generate(policy, tokenizer, prompts, pixels, replace(decoding, strategy="greedy"), data.max_length,
-                          image_input_name=images.input_name)
+                          image_kind=images.kind)
         sampled = generate(policy, tokenizer, prompts, pixels, replace(decoding, strategy="sample"), data.max_length,
-                           num_return_sequences=n, image_input_name=images.input_name)
+                           num_return_sequences=n, image_kind=images.kind)
         references = [reference_of(r, captions) for r in batch for _ in range(n)]
         scores = reward(inputs_from_references(references, sampled)).tolist()
         for i, record in enumerate(batch):

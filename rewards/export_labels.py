@@ -1,6 +1,6 @@
 """Export the labels for reward-model training.
 
-    vqa-rlhf export-labels --db FILE --out DIR
+    vqa-rlhf label export --db FILE --out DIR
 
 DIR is a datasets.Dataset (save_to_disk: `datasets.load_from_disk(DIR)`), plus
 DIR/labels.jsonl (the same rows) and DIR/meta.json ({"image_root", "db", "counts",
@@ -40,7 +40,7 @@ def print_stats(stats: dict) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vqa-rlhf export-labels", description=__doc__,
+    parser = argparse.ArgumentParser(prog="vqa-rlhf label export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", required=True, help="label store")
     parser.add_argument("--out", required=True, help="output dir (replaced as a whole)")

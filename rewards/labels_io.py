@@ -1,6 +1,6 @@
 """Exported labels as the reward model and the baselines read them.
 
-An export dir (`vqa-rlhf export-labels --db FILE --out DIR`) is a `datasets.Dataset`
+An export dir (`vqa-rlhf label export --db FILE --out DIR`) is a `datasets.Dataset`
 saved with `save_to_disk`, plus labels.jsonl and meta.json `{"image_root": ...}`.
 Rows: sample_id, question_id, image (relative to image_root), question, answer,
 label ("correct" | "incorrect"), labeler, label_source ("human" | "auto"), gt_answers.
@@ -14,6 +14,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from vlm.vqa_metric import normalize_answer
+
 REQUIRED_FIELDS = ("question_id", "image", "question", "answer", "label")
 LABELS = {"correct": 1, "incorrect": 0}
 
@@ -25,7 +27,7 @@ def load_labels(labels_dir: str | Path) -> tuple[list[dict], Path]:
     labels_dir = Path(labels_dir)
     meta_path = labels_dir / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{labels_dir}: no meta.json (not a label export; run `vqa-rlhf export-labels`)")
+        raise FileNotFoundError(f"{labels_dir}: no meta.json (not a label export; run `vqa-rlhf label export`)")
     meta = json.loads(meta_path.read_text())
     if not isinstance(meta.get("image_root"), str):
         raise ValueError(f"{meta_path}: field 'image_root' is missing")
@@ -127,7 +129,6 @@ def breakdown_key(row: dict, families: dict[str, str]) -> str:
     """Question family when the dataset names it, else a kind read off the ground truth."""
     if row["question_id"] in families:
         return families[row["question_id"]]
-    from vlm.vqa_metric import normalize_answer
 
     gt = [normalize_answer(a) for a in row["gt_answers"]]
     if not gt:

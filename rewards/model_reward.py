@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from rewards.base import Reward, RewardContext, RewardInput
+from rewards.reward_model import RewardModel
+from rewards.train_rm import encode_answer, pad_rows, reward_prompt
 
 
 class ModelReward(Reward):
@@ -29,7 +31,7 @@ class ModelReward(Reward):
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.tokenizer = tokenizer
-        self.images = images  # path -> pixels or cached features (images.input_name)
+        self.images = images  # path -> pixels or cached features (images.kind)
         self.prompt_template, self.answer_template = prompt_template, answer_template
         self.max_length = max_length
         self.threshold = threshold
@@ -42,8 +44,6 @@ class ModelReward(Reward):
 
     @classmethod
     def from_config(cls, config, context: RewardContext) -> "ModelReward":
-        from rewards.reward_model import RewardModel
-
         path = cls.model_dir(config)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no {cls.what} at {path}: run the rm stage first"
@@ -58,8 +58,6 @@ class ModelReward(Reward):
                    data.answer_template, data.max_length, threshold=fitted_threshold(path))
 
     def encode(self, item: RewardInput) -> list[int]:
-        from rewards.train_rm import encode_answer, reward_prompt
-
         prompt = reward_prompt(self.prompt_template, item.question, self.facts_template, item.caption)
         try:
             return encode_answer(self.tokenizer, prompt, item.answer, self.answer_template,
@@ -69,9 +67,6 @@ class ModelReward(Reward):
 
     @torch.no_grad()
     def score(self, inputs: list[RewardInput]) -> torch.Tensor:
-        from rewards.train_rm import pad_rows
-        from vlm.features import image_inputs
-
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(inputs), self.batch_size):
@@ -80,7 +75,7 @@ class ModelReward(Reward):
                               for item in chunk], self.tokenizer.pad_token_id)
             images = batch.pop("pixel_values").to(device)
             out.append(self.model(**{k: v.to(device) for k, v in batch.items()},
-                                  **image_inputs(self.model, images, self.images.input_name)).float().cpu())
+                                  **self.images.kind.model_inputs(self.model, images)).float().cpu())
         return torch.cat(out)
 
 

@@ -1,12 +1,15 @@
 """The rewards RL can optimise (`ppo.reward`), by name -> "module:class".
 
-Names only, no imports: the config checks `ppo.reward` against this table without loading
-torch or a model. A new reward is one file with a `rewards.base.Reward` subclass and one
-line here.
+Names only, no imports: `ppo.reward` is checked against this table (check_reward_config: by
+the pipeline before its first stage, and where the reward is built) without loading torch or
+a model. A new reward is one file with a `rewards.base.Reward` subclass and one line here.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
+
+from vlm.config import ConfigError
 
 REWARDS = {
     # the learned reward model (rm stage; ppo.reward_model): image + question + answer
@@ -34,3 +37,23 @@ def reward_names(spec: str) -> list[str]:
     if any(not name for name in names) or len(set(names)) != len(names):
         raise ValueError(f"{spec!r}: reward names joined by '+', each once")
     return names
+
+
+def check_reward_config(ppo) -> None:
+    """`ppo.reward` names known rewards, and `ppo.reward_weights` weighs only those, as numbers;
+    else a ConfigError that names the key (and the closest reward names)."""
+    try:
+        names = reward_names(ppo.reward)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'ppo.reward': {exc}") from None
+    for name in names:
+        if name not in REWARDS:
+            close = difflib.get_close_matches(name, list(REWARDS), n=2, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"config key 'ppo.reward' names unknown reward {name!r}{hint} "
+                              f"(rewards: {', '.join(REWARDS)}; mix with '+')")
+    for name, weight in ppo.reward_weights.items():
+        if name not in names:
+            raise ConfigError(f"config key 'ppo.reward_weights.{name}': {name!r} is not in ppo.reward={ppo.reward!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"config key 'ppo.reward_weights.{name}' must be a number, got {weight!r}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import LlavaConfig, LlavaModel
+from transformers import AutoConfig, AutoModel, LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
 
@@ -59,7 +59,7 @@ class RewardModel(LlavaPreTrainedModel):
     def token_values(self, input_ids, attention_mask, pixel_values=None, position_ids=None,
                      mm_encoder_outputs=None) -> torch.Tensor:
         """A scalar per token (B, T): the value model's view. The image comes as pixels or as
-        projected cached features (`mm_encoder_outputs`, from vlm.features.image_inputs)."""
+        projected cached features (`mm_encoder_outputs`, vlm.features.ImageInputKind.model_inputs)."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
         hidden = self.model(
@@ -78,8 +78,6 @@ class RewardModel(LlavaPreTrainedModel):
     @classmethod
     def from_sft(cls, checkpoint: str | Path) -> "RewardModel":
         """Backbone weights of a saved VLM (stock Llava), a freshly initialised head."""
-        from transformers import LlavaForConditionalGeneration
-
         vlm = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
         config = RewardModelConfig(**{k: v for k, v in vlm.config.to_dict().items() if k != "model_type"})
         model = cls(config)
@@ -90,8 +88,6 @@ class RewardModel(LlavaPreTrainedModel):
 
 def register_auto_classes() -> None:
     """Lets AutoConfig / AutoModel open a saved reward model (with this package installed)."""
-    from transformers import AutoConfig, AutoModel
-
     try:
         AutoConfig.register(RewardModelConfig.model_type, RewardModelConfig)
         AutoModel.register(RewardModelConfig, RewardModel)

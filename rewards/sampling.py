@@ -57,9 +57,9 @@ def sample_candidates(model, processor, records, images, prompt_template: str, k
         pixel_values = torch.stack([images(r["image"]) for r in batch])
         prompts = [vqa_prompt(prompt_template, r["question"]) for r in batch]
         greedy = generate(model, processor.tokenizer, prompts, pixel_values, greedy_decoding, max_length,
-                          image_input_name=images.input_name)
+                          image_kind=images.kind)
         sampled = generate(model, processor.tokenizer, prompts, pixel_values, sample_decoding, max_length,
-                           num_return_sequences=k, image_input_name=images.input_name) if k > 0 else []
+                           num_return_sequences=k, image_kind=images.kind) if k > 0 else []
         for i, record in enumerate(batch):
             if str(record["id"]) in skip:
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from rewards.base import Reward, RewardContext, RewardInput
+from rewards.baselines import load_similarity_model, similarity_scores
 
 # The cut the rm stage fitted for this baseline on the default run's labels (README: 0.93),
 # used when the run has no rm metrics to take it from.
@@ -22,17 +23,13 @@ class SimilarityReward(Reward):
 
     @classmethod
     def from_config(cls, config, context: RewardContext) -> "SimilarityReward":
-        from rewards.baselines import load_similarity_model
-
         threshold = DEFAULT_THRESHOLD
-        metrics = config.run_dir / "rm" / "metrics.json"
+        metrics = config.paths.metrics("rm")
         if metrics.is_file():
             fitted = json.loads(metrics.read_text()).get("baselines", {}).get("similarity", {}).get("threshold")
             threshold = DEFAULT_THRESHOLD if fitted is None else float(fitted)
         return cls(load_similarity_model(), threshold)
 
     def score(self, inputs: list[RewardInput]) -> list[float]:
-        from rewards.baselines import similarity_scores
-
         return similarity_scores(self.model, [{"answer": item.answer.strip(), "gt_answers": list(item.reference_answers)}
                                               for item in inputs])

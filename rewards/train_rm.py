@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm.config import RewardTrainConfig
-from vlm.data import ImageCache, encode_example, vqa_prompt
+from vlm.data import ImageCache, encode_example, pad, vqa_prompt
 from vlm.train import VLMTrainer
 
 
@@ -57,12 +57,7 @@ def encode_rows(rows: list[dict], tokenizer, images: ImageCache, prompt_template
 
 def pad_rows(items: list[dict], pad_token_id: int) -> dict:
     """Right padding; the mask (not the token id) says where each row ends."""
-    width = max(len(item["input_ids"]) for item in items)
-    input_ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):
-        input_ids[row, :len(item["input_ids"])] = torch.tensor(item["input_ids"])
-        attention_mask[row, :len(item["input_ids"])] = 1
+    input_ids, attention_mask = pad([item["input_ids"] for item in items], pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "pixel_values": torch.stack([item["pixel_values"] for item in items])}
 

@@ -3,6 +3,7 @@ record's annotator answers, in [0, 1]. It knows the answer, so it cannot be hack
 reference answers, so it only applies to prompts that have them."""
 from __future__ import annotations
 
+from vlm.vqa_metric import vqa_accuracy
 from rewards.base import Reward, RewardContext, RewardInput
 
 
@@ -19,6 +20,4 @@ class VQAAccuracyReward(Reward):
         return cls(config.autolabel.min_accuracy)
 
     def score(self, inputs: list[RewardInput]) -> list[float]:
-        from vlm.vqa_metric import vqa_accuracy
-
         return [vqa_accuracy(item.answer, list(item.reference_answers)) for item in inputs]

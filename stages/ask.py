@@ -8,44 +8,9 @@ The prompt is the processor's stock chat template (the format the model was trai
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-
-def decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="0: greedy (default); above 0: sampling at this temperature")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-
-
-def decoding_config(args):
-    import torch
-
-    from vlm.config import DecodingConfig
-
-    torch.manual_seed(args.seed)
-    if args.temperature > 0:
-        return DecodingConfig(strategy="sample", temperature=args.temperature, top_p=args.top_p,
-                              max_new_tokens=args.max_new_tokens)
-    return DecodingConfig(strategy="greedy", max_new_tokens=args.max_new_tokens)
-
-
-def open_session(args):
-    """A ChatSession on --model about --image (None: text only), or exit with the reason."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the answer, not library notices
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    from vlm.chat import ChatSession
-
-    try:
-        session = ChatSession(args.model, decoding_config(args))
-        session.set_image(args.image)
-    except (FileNotFoundError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    return session
+from vlm.stage_cli import decoding_arguments, open_session
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 
+from vlm.stage_cli import config_from_args, run_stage, stage_parser, write_json
 from rewards.label_store import LabelStore, StoreError
-from stages.common import config_from_args, run_stage, stage_parser, write_json
 
 
 def main(argv=None) -> int:

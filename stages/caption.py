@@ -9,39 +9,11 @@ of vlm/config.py DataConfig when there is none). Greedy decoding unless --temper
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from stages.ask import decoding_arguments, decoding_config
-
-
-def data_config_of(model_dir: Path):
-    """The DataConfig the model was trained with (prompt formats), or the defaults."""
-    from vlm.config import DataConfig, RunConfig, _build
-
-    path = Path(model_dir) / "training_config.json"
-    if not path.is_file():
-        return DataConfig()
-    saved = json.loads(path.read_text())
-    return _build(RunConfig, {"data": saved.get("data", {})}, "").data
-
-
-def caption_prompt(data) -> str:
-    from vlm.data import vqa_prompt
-
-    return vqa_prompt(data.prompt_template, data.caption_prompt)
-
-
-def caption_batch(model, processor, pixel_values, data, decoding, max_length: int,
-                  input_name: str = "pixel_values") -> list[str]:
-    """Captions for a batch of images (pixels or cached features)."""
-    from vlm.generate import generate
-
-    prompts = [caption_prompt(data)] * len(pixel_values)
-    return generate(model, processor.tokenizer, prompts, pixel_values, decoding, max_length,
-                    image_input_name=input_name)
+from vlm.stage_cli import decoding_arguments, decoding_config
 
 
 def main(argv=None) -> int:
@@ -57,6 +29,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from vlm.captioning import caption_batch, data_config_of
     from vlm.data import load_rgb
     from vlm.model import load_model
 

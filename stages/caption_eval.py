@@ -13,56 +13,23 @@ Writes <run>/eval/captions/metrics.json and predictions.jsonl.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from vlm.caption_metrics import caption_scores
+from vlm.captioning import caption_batch, caption_perplexity, references_by_image
 from vlm.config import DecodingConfig, RunConfig
-from vlm.data import RejectLog, SupervisedDataset, VLMCollator, caption_items, load_split
-from vlm.features import image_inputs, image_source
+from vlm.data import RejectLog, load_split
+from vlm.features import image_source
 from vlm.model import load_model
-from stages.caption import caption_batch
-from stages.common import add_model_option, config_from_args, model_dir_from, run_stage, stage_parser, write_json
-
-
-def references_by_image(records) -> dict[str, list[str]]:
-    refs: dict[str, list[str]] = {}
-    for record in records:
-        caption = record.get("caption")
-        if isinstance(caption, str) and caption.strip():
-            refs.setdefault(record["image"], []).append(caption.strip())
-    return refs
-
-
-@torch.no_grad()
-def caption_perplexity(model, processor, records, images, data, batch_size: int, rejects: RejectLog) -> float:
-    """exp of the mean NLL per supervised token (caption tokens + EOS) over `records`."""
-    dataset = SupervisedDataset(caption_items(records, data, "captions"), processor.tokenizer, images,
-                                model.config.image_seq_length, data.max_length, rejects)
-    collate = VLMCollator(processor.tokenizer.pad_token_id)
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        labels = batch.pop("labels")
-        key = images.input_name
-        if key in batch:  # pixels, or cached features projected here (vlm/features.py)
-            batch.update(image_inputs(model, batch.pop(key), key))
-        logits = model(**batch).logits[:, :-1].float()
-        targets = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((targets != -100).sum())
-    return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
+from vlm.stage_cli import parse_model_stage_args, run_stage, write_json
 
 
 def evaluate_captions(config: RunConfig, model_dir: Path) -> dict:
-    from tqdm.auto import tqdm
-
     split = config.eval.split
     records = load_split(config.data_dir, "captions", split)
     refs = references_by_image(records)
@@ -75,7 +42,7 @@ def evaluate_captions(config: RunConfig, model_dir: Path) -> dict:
     model.eval()
     images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
     decoding = DecodingConfig(**{**vars(config.eval.decoding), "max_new_tokens": config.eval.caption_max_new_tokens})
-    out_dir = config.run_dir / "eval" / "captions"
+    out_dir = config.paths.eval_dir("captions")
     rejects = RejectLog(out_dir / "rejects.jsonl", config.data.on_bad_record)
     (out_dir / "rejects.jsonl").unlink(missing_ok=True)
     keys, candidates = list(refs), {}
@@ -85,7 +52,7 @@ def evaluate_captions(config: RunConfig, model_dir: Path) -> dict:
         batch_keys = keys[start:start + batch_size]
         pixels = torch.stack([images(k) for k in batch_keys])
         for key, caption in zip(batch_keys, caption_batch(model, processor, pixels, config.data, decoding,
-                                                          config.data.max_length, images.input_name)):
+                                                          config.data.max_length, images.kind)):
             candidates[key] = caption
     seconds = time.perf_counter() - started
     scores = caption_scores(candidates, refs)
@@ -105,11 +72,7 @@ def evaluate_captions(config: RunConfig, model_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = stage_parser("caption-eval", __doc__)
-    add_model_option(parser)
-    args = parser.parse_intermixed_args(argv)
-    config = config_from_args(args)
-    model_dir = model_dir_from(args, config)
+    config, model_dir = parse_model_stage_args("caption-eval", __doc__, argv)
     metrics = evaluate_captions(config, model_dir)
     print(f"caption-eval {metrics['split']}: {metrics['images']} images, CIDEr-D {metrics['cider']:.3f}, "
           f"BLEU-4 {metrics['bleu_4']:.3f}, perplexity {metrics['perplexity']:.2f}")

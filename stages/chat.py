@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stages.ask import decoding_arguments, open_session
+from vlm.stage_cli import decoding_arguments, open_session
 
 PROMPT = "you> "
 REPLY = "model> "

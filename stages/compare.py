@@ -14,7 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from stages.common import write_json
+from vlm.config import RunPaths
+from vlm.report import build_report
+from vlm.stage_cli import write_json
 
 COLUMNS = [  # (key, header)
     ("run", "run"), ("projector", "projector"), ("vqa_accuracy", "VQA accuracy"),
@@ -25,9 +27,7 @@ COLUMNS = [  # (key, header)
 
 
 def run_row(run_dir: Path) -> dict:
-    from stages.report import build_report
-
-    report_path = run_dir / "report.json"
+    report_path = RunPaths(run_dir).report_json
     report = json.loads(report_path.read_text()) if report_path.is_file() else build_report(run_dir)
     sft = report.get("stages", {}).get("sft", {})
     captions = report.get("stages", {}).get("caption_eval", {})

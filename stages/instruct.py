@@ -8,7 +8,8 @@ setup: the model of an earlier stage (--model / instruct.init_from; default <run
        conversations in the LLaVA format (conversations/ of instruct.data_dir, default data.dir;
        text-only records too) + packed VQA examples replayed (instruct.vqa_replay_ratio)
 train: HF Trainer (DeepSpeed, checkpoints every instruct.save_steps, resume after a kill)
-eval:  VQA accuracy on the test split before and after (<run>/eval/instruct-before, eval/instruct)
+eval:  VQA accuracy on the test split before (the stored evaluation of the starting model, e.g.
+       <run>/eval/ppo, else <run>/eval/instruct-before) and after (<run>/eval/instruct)
        and description quality on held-out images: "Describe the image." scored against the
        scene's objects (vlm/describe_metric.py; synthetic data only), and the exact-match
        accuracy of later turns of held-out conversations answered after the true earlier turns
@@ -40,18 +41,18 @@ from vlm.data import (
     vqa_prompt,
 )
 from vlm.describe_metric import DescriptionScore, parse_description
+from vlm.evaluation import evaluate, stored_or_evaluate
 from vlm.generate import generate
 from vlm.model import count_parameters, load_model
+from vlm.stage_cli import config_from_args, run_stage, stage_parser, write_json
 from vlm.train import build_trainer, is_main_process, mean_logged_loss, prepare_for_training, train_and_save
-from stages.common import config_from_args, run_stage, stage_parser, write_json
-from stages.evaluate import evaluate
 
 
 def init_model_dir(config: RunConfig) -> Path:
     """The model instruct starts from: instruct.init_from, else the run's PPO policy, else its SFT model."""
     if config.instruct.init_from:
         return Path(config.instruct.init_from)
-    ppo = config.run_dir / "ppo" / "final"
+    ppo = config.paths.final("ppo")
     return ppo if (ppo / "config.json").is_file() else config.sft_final
 
 
@@ -137,7 +138,7 @@ def evaluate_descriptions(config: RunConfig, model_dir: Path, tag: str) -> dict 
     decoding = dataclasses.replace(config.eval.decoding, max_new_tokens=instruct.describe_max_new_tokens)
     grid = scene_grid(config.data_dir)
     score = DescriptionScore()
-    out_dir = config.run_dir / "eval" / tag
+    out_dir = config.paths.eval_dir(tag)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "descriptions.jsonl.tmp"
     torch.manual_seed(config.seed)
@@ -209,19 +210,25 @@ def evaluate_followups(config: RunConfig, model_dir: Path, tag: str) -> dict | N
             "by_question": {k: round(100.0 * r / n, 2) for k, (r, n) in sorted(by_question.items())}}
 
 
+def model_scores(config: RunConfig, model_dir: Path, tag: str, reuse_stored: bool = False):
+    """(VQA metrics, description metrics, follow-up metrics) of a model, into <run>/eval/<tag>.
+    reuse_stored: the VQA scores an earlier stage stored for this model (eval, ppo), if any."""
+    vqa = stored_or_evaluate(config, model_dir, tag)[0] if reuse_stored else evaluate(config, model_dir, tag)
+    return vqa, evaluate_descriptions(config, model_dir, tag), evaluate_followups(config, model_dir, tag)
+
+
 def train(config: RunConfig, callbacks=()) -> dict:
     """Runs the stage; returns its metrics. `callbacks` are extra TrainerCallbacks."""
     started = time.perf_counter()
-    work_dir = config.run_dir / "instruct"
+    work_dir = config.paths.stage_dir("instruct")
     work_dir.mkdir(parents=True, exist_ok=True)
     init_dir = init_model_dir(config)
     if not (init_dir / "config.json").is_file():
         raise FileNotFoundError(f"{init_dir}: no model to start from (run the sft stage first, "
                                 f"or give --model DIR / instruct.init_from)")
     main = is_main_process()
-    before = evaluate(config, init_dir, "instruct-before") if main else None
-    describe_before = evaluate_descriptions(config, init_dir, "instruct-before") if main else None
-    followups_before = evaluate_followups(config, init_dir, "instruct-before") if main else None
+    before, describe_before, followups_before = (
+        model_scores(config, init_dir, "instruct-before", reuse_stored=True) if main else (None, None, None))
 
     set_seed(config.seed)
     model, processor = setup_model(config, init_dir, work_dir)
@@ -241,9 +248,7 @@ def train(config: RunConfig, callbacks=()) -> dict:
     training_here = time.perf_counter() - training_started
     if not trainer.is_world_process_zero():
         return {}
-    after = evaluate(config, final_dir, "instruct")
-    describe_after = evaluate_descriptions(config, final_dir, "instruct")
-    followups_after = evaluate_followups(config, final_dir, "instruct")
+    after, describe_after, followups_after = model_scores(config, final_dir, "instruct")
     metrics = {
         "vqa_accuracy_before": before["vqa_accuracy"],
         "vqa_accuracy_after": after["vqa_accuracy"],

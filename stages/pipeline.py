@@ -13,19 +13,13 @@ last checkpoint). The run ends with report.json, report.md and report.png in
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-from vlm.config import STAGES, ConfigError, RunConfig, load_config, to_dict
-from vlm.data import split_exists, training_tasks
-from stages.common import DEFAULT_CONFIG, config_path_and_overrides, write_json
-from stages.report import build_report, print_table
-
+from vlm.config import STAGES, ConfigError, load_config
+from vlm.pipeline import run
+from vlm.stage_cli import DEFAULT_CONFIG, config_path_and_overrides
+from rewards.registry import check_reward_config
 
 # --smoke: a few steps on a small slice, to validate a config end to end in minutes.
 SMOKE_OVERRIDES = [
@@ -40,108 +34,6 @@ SMOKE_OVERRIDES = [
     "ppo.eval_samples=8", "ppo.max_prompts=32",
 ]
 SMOKE_SYNTHETIC = {"train_images": 40, "val_images": 8, "test_images": 8, "rl_images": 8}
-
-
-def stage_command(config: RunConfig, stage: str, config_path: str, overrides: list[str]) -> list[str]:
-    module = STAGES[stage].module
-    args = [config_path, *overrides]
-    if not STAGES[stage].distributed or config.launcher == "none":
-        return [sys.executable, "-m", module, *args]
-    if config.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={config.nproc_per_node}",
-                "-m", module, *args]
-    command = ["deepspeed"]
-    if config.hostfile:
-        command += ["--hostfile", config.hostfile]
-    else:
-        command += ["--num_gpus", str(config.nproc_per_node)]
-    return command + ["--module", module, *args]
-
-
-def config_fingerprint(config: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def set_aside_other_configs_state(stage_dir: Path, fingerprint: str, force: bool) -> None:
-    """A stage resumes from its checkpoints only when they were made with the same config.
-
-    A stage records the config it starts with. Started again with another config (or with
-    --force), its checkpoints (and SFT's saved processor) belong to that other config: they
-    are moved aside to `<name>-<their config>` (never deleted), so the stage starts fresh
-    instead of resuming a run of different settings."""
-    started = stage_dir / "started.json"
-    previous = json.loads(started.read_text()).get("config") if started.is_file() else None
-    if force or previous != fingerprint:
-        for name in ("checkpoints", "processor"):
-            state = stage_dir / name
-            if state.exists():
-                aside = stage_dir / f"{name}-{previous or 'unknown-config'}"
-                suffix = 1
-                while aside.exists():
-                    aside, suffix = stage_dir / f"{name}-{previous or 'unknown-config'}-{suffix}", suffix + 1
-                state.rename(aside)
-                print(f"== {stage_dir.name}: {state} is from another config; moved to {aside}, starting fresh",
-                      flush=True)
-    write_json(started, {"config": fingerprint})
-
-
-def why_skip(config: RunConfig, stage: str) -> str | None:
-    """Why a stage cannot apply to this run's data, or None. Decided when the stage is due
-    (after prep wrote the dataset); a dataset that cannot be read is left to the stage to report."""
-    if STAGES[stage].needs == "vqa":
-        try:
-            tasks = training_tasks(config.data, config.data_dir)
-        except (OSError, ValueError):
-            return None
-        if "vqa" not in tasks:
-            return (f"it needs VQA, and SFT trains on {' + '.join(sorted(tasks))} only "
-                    f"(data.supervision={config.data.supervision}, dataset {config.data_dir})")
-    if STAGES[stage].needs == "captions" and not split_exists(config.data_dir, "captions", config.eval.split):
-        return f"it scores captions, and {config.data_dir} has no captions/{config.eval.split} split"
-    return None
-
-
-def labeling_instructions(config: RunConfig, config_path: str, overrides: list[str], later: list[str]) -> str:
-    """What to do after `sample` when labels come from people (no autolabel stage)."""
-    db = config.labels_db
-    return (f"\n== candidate answers are in {db}; the run stops here for people to label them:\n"
-            f"     vqa-rlhf label --db {db}        # then open http://127.0.0.1:8765 (--help: token, port)\n"
-            f"   or bootstrap from ground truth: vqa-rlhf autolabel --db {db} --min-accuracy 0.6\n"
-            f"   then continue: ./launch.sh {' '.join([config_path, *overrides])} --stages {','.join(later)}")
-
-
-def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[str], force: bool) -> int:
-    """`config` is `config_path` with `overrides` applied; the stage processes get the path and overrides."""
-    run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = config_fingerprint(config)
-    for stage in stages:
-        marker = run_dir / stage / "done.json"
-        if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
-            print(f"== {stage}: done earlier with this config, skipping (--force to rerun)", flush=True)
-            continue
-        reason = why_skip(config, stage)
-        if reason:
-            print(f"== {stage}: skipped: {reason}", flush=True)
-            continue
-        set_aside_other_configs_state(run_dir / stage, fingerprint, force)
-        command = stage_command(config, stage, config_path, overrides)
-        print(f"== {stage}: {' '.join(command)}", flush=True)
-        started = time.perf_counter()
-        returncode = subprocess.call(command)
-        if returncode != 0:
-            print(f"== {stage} failed (exit {returncode}); fix and re-run: finished stages are kept, "
-                  f"training resumes from its last checkpoint", file=sys.stderr)
-            return returncode
-        write_json(marker, {"config": fingerprint, "seconds": round(time.perf_counter() - started, 1)})
-        later = stages[stages.index(stage) + 1:]
-        if stage == "sample" and "autolabel" not in stages and later:
-            print(labeling_instructions(config, config_path, overrides, later), flush=True)
-            return 0  # people label now; the run continues with --stages
-    report = build_report(run_dir)
-    print_table(report)
-    print(f"report: {run_dir / 'report.md'}")
-    return 0
 
 
 def main(argv=None) -> int:
@@ -166,6 +58,7 @@ def main(argv=None) -> int:
                     smoke.append(f"data.dir={config.run_dir.with_name(config.name + '-smoke') / 'data'}")
             overrides = [*overrides, *smoke]
             config = load_config(config_path, overrides)
+        check_reward_config(config.ppo)  # before the first stage, not when ppo starts an hour later
         stages = args.stages.split(",") if args.stages else list(config.stages)
         unknown = [s for s in stages if s not in STAGES]
         if unknown:

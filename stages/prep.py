@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import sys
 
+from vlm.data import load_split, training_tasks
+from vlm.stage_cli import parse_stage_args, run_stage
 from data_prep import convert
 from data_prep.synthetic import SyntheticConfig, generate
-from vlm.data import load_split, training_tasks
-from stages.common import parse_stage_args, run_stage
 
 
 def prepare(config) -> dict:

@@ -25,7 +25,7 @@ from vlm.data import ImageCache, load_split
 from vlm.features import open_for_model
 from vlm.model import load_model
 from vlm.retrieval import TowerEmbeddings, embedding_head, embedding_token_id, retrieval_recall
-from stages.common import add_model_option, config_from_args, model_dir_from, stage_parser, write_json
+from vlm.stage_cli import parse_model_stage_args, write_json
 
 
 def evaluate_retrieval(config: RunConfig, model_dir: Path) -> dict:
@@ -60,16 +60,12 @@ def evaluate_retrieval(config: RunConfig, model_dir: Path) -> dict:
                           for k in recall if k.startswith("recall@")},
                "index_from": "feature_cache" if config.data.feature_cache else "vision_tower",
                "seconds": round(seconds, 2)}
-    write_json(config.run_dir / "eval" / "retrieval" / "metrics.json", metrics)
+    write_json(config.paths.eval_metrics("retrieval"), metrics)
     return metrics
 
 
 def main(argv=None) -> int:
-    parser = stage_parser("retrieval-eval", __doc__)
-    add_model_option(parser)
-    args = parser.parse_intermixed_args(argv)
-    config = config_from_args(args)
-    model_dir = model_dir_from(args, config)
+    config, model_dir = parse_model_stage_args("retrieval-eval", __doc__, argv)
     m = evaluate_retrieval(config, model_dir)
     print(f"retrieval-eval {m['split']}: {m['queries']} captions, {m['index_size']} images: "
           f"recall@1 {m['recall@1']}, @5 {m['recall@5']}, @10 {m['recall@10']} "

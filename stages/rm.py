@@ -17,15 +17,22 @@ save:  <out>/final (RewardModel.save_pretrained + processor), <out>/metrics.json
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from peft import PeftModel
 from transformers import AutoProcessor, set_seed
 
 from vlm.config import RunConfig, to_dict
-from vlm.data import ImageCache, captions_by_image
+from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split
+from vlm.features import image_source
 from vlm.files import writing
-from vlm.vqa_metric import vqa_accuracy
+from vlm.model import load_model
+from vlm.stage_cli import config_from_args, run_stage, stage_parser, write_json
 from vlm.train import (
     TrainingClock,
     apply_lora,
@@ -37,41 +44,50 @@ from vlm.train import (
     set_trainable,
     training_arguments,
 )
+from vlm.vqa_metric import vqa_accuracy
 from rewards.baselines import evaluate_baselines, group_accuracy
-from rewards.diagnostics import label_noise, ranking_accuracy
-from rewards.labels_io import (binary_metrics, fit_threshold, load_labels, load_preference_pairs, pairs_by_question,
-                               question_families, split_by_image)
+from rewards.diagnostics import best_of_n, label_noise, ranking_accuracy
+from rewards.label_store import LabelStore
+from rewards.labels_io import (
+    binary_metrics,
+    fit_threshold,
+    load_labels,
+    load_preference_pairs,
+    pairs_by_question,
+    question_families,
+    split_by_image,
+)
+from rewards.model_reward import FactModelReward, ModelReward
 from rewards.reward_model import RewardModel
 from rewards.train_rm import PairwiseCollator, PointwiseCollator, RewardTrainer, check_objective, encode_rows, score
-from stages.common import config_from_args, run_stage, stage_parser, write_json
 
 
 def export_labels_from_store(config: RunConfig, out_dir: Path) -> Path:
-    """The pipeline's default labels: the label store (sample.db) exported as `vqa-rlhf export-labels` does."""
-    from rewards.label_store import LabelStore
-
-    db = Path(config.sample.db or config.run_dir / "labels" / "labels.db")
+    """The pipeline's default labels: the label store (sample.db) exported as `vqa-rlhf label export` does."""
+    db = config.labels_db
     if not db.is_file():
         raise SystemExit(f"error: no label store at {db}: run the sample stage (and label or autolabel) first, "
-                         "or set rm.labels=DIR (a `vqa-rlhf export-labels` dir)")
+                         "or set rm.labels=DIR (a `vqa-rlhf label export` dir)")
     with LabelStore(db) as store:
         store.export(out_dir)
     return out_dir
 
 
-def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None = None,
-          out_dir: Path | None = None) -> dict:
-    rm = config.rm
-    out_dir = Path(out_dir or config.rm_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base = Path(base or rm.base or config.sft_final)
-    labels_dir = labels_dir or (Path(rm.labels) if rm.labels else None)
-    if labels_dir is None:
-        labels_dir = export_labels_from_store(config, out_dir / "labels")
-    set_seed(config.seed)
+@dataclass
+class Labels:
+    """The labels the reward model learns from, split by image (train / held out)."""
+    rows: list[dict]
+    image_root: Path
+    train_rows: list[dict]
+    heldout_rows: list[dict]
+    preferences: list  # people's pairwise preferences, on training images only
+    facts_template: str | None  # rm.facts: the template the images' reference facts are read with
 
+
+def read_labels(config: RunConfig, labels_dir: Path) -> Labels:
+    rm = config.rm
     rows, image_root = load_labels(labels_dir)
-    facts_template = None
+    facts_template = captions = None
     if rm.facts:
         facts_template = rm.facts_template
         captions = captions_by_image(image_root)
@@ -86,36 +102,75 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
                 row["train_target"] = vqa_accuracy(row["answer"], row["gt_answers"])
     train_rows, heldout_rows = split_by_image(rows, rm.heldout_fraction)
     heldout_images = {r["image"] for r in heldout_rows}
-    # people's pairwise preferences (pairwise mode of the labeling page), on training images only
     preferences = [pair for pair in load_preference_pairs(labels_dir) if pair[0]["image"] not in heldout_images]
     if rm.facts:
         for pair in preferences:
             for row in pair:
                 row["facts"] = captions.get(row["image"])
     check_objective(rm, train_rows, preferences)
+    return Labels(rows, image_root, train_rows, heldout_rows, preferences, facts_template)
+
+
+def training_set(rm, labels: Labels, train_encoded: list[dict], encode, pad_token_id: int):
+    """(dataset, collator): every training label (pointwise), or correct-vs-incorrect pairs of a
+    question plus people's preferences (pairwise)."""
+    if rm.objective != "pairwise":
+        return train_encoded, PointwiseCollator(pad_token_id)
+    index = {id(r): e for r, e in zip(labels.train_rows, train_encoded)}
+    dataset = [(index[id(good)], index[id(bad)]) for good, bad in pairs_by_question(labels.train_rows)]
+    dataset += list(zip(encode([good for good, _ in labels.preferences]),
+                        encode([bad for _, bad in labels.preferences])))
+    return dataset, PairwiseCollator(pad_token_id)
+
+
+def held_out_metrics(model, labels: Labels, train_encoded, heldout_encoded, pad_token_id: int,
+                     families: dict) -> tuple[dict, float]:
+    """Held-out accuracy / AUC at the threshold fitted on the training labels, per question group,
+    the fit of the training labels, within-question ranking and the labels' noise; and the threshold."""
+    train_scores = score(model, train_encoded, pad_token_id)
+    threshold = fit_threshold(train_scores, [r["target"] for r in labels.train_rows])
+    heldout_scores = score(model, heldout_encoded, pad_token_id)
+    metrics = binary_metrics(heldout_scores, [r["target"] for r in labels.heldout_rows], threshold)
+    metrics["by_group"] = group_accuracy(labels.heldout_rows, heldout_scores, threshold, families)
+    train_fit = binary_metrics(train_scores, [r["target"] for r in labels.train_rows], threshold)
+    metrics.update({
+        "train_fit": {"accuracy": train_fit["accuracy"], "auc": train_fit["auc"]},
+        "ranking_accuracy": ranking_accuracy(labels.heldout_rows, heldout_scores)["accuracy"],
+        "ranking_pairs": ranking_accuracy(labels.heldout_rows, heldout_scores)["pairs"],
+        "label_noise": label_noise(labels.rows),
+        "facts": bool(labels.facts_template),
+    })
+    return metrics, threshold
+
+
+def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None = None,
+          out_dir: Path | None = None) -> dict:
+    rm = config.rm
+    out_dir = Path(out_dir or config.rm_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = Path(base or rm.base or config.sft_final)
+    labels_dir = labels_dir or (Path(rm.labels) if rm.labels else None)
+    if labels_dir is None:
+        labels_dir = export_labels_from_store(config, out_dir / "labels")
+    set_seed(config.seed)
+    labels = read_labels(config, labels_dir)
     processor = AutoProcessor.from_pretrained(base)
     tokenizer = processor.tokenizer
     model = RewardModel.from_sft(base)
-    model.config.facts_template = facts_template  # saved with the model: scoring reads the same facts
-    images = ImageCache(processor.image_processor, image_root)
+    model.config.facts_template = labels.facts_template  # saved with the model: scoring reads the same facts
+    images = ImageCache(processor.image_processor, labels.image_root)
     encode = lambda rs: encode_rows(rs, tokenizer, images, config.data.prompt_template, config.data.answer_template,
-                                    model.config.image_seq_length, config.data.max_length, facts_template)
-    train_encoded, heldout_encoded = encode(train_rows), encode(heldout_rows)
-    if rm.objective == "pairwise":
-        index = {id(r): e for r, e in zip(train_rows, train_encoded)}
-        dataset = [(index[id(good)], index[id(bad)]) for good, bad in pairs_by_question(train_rows)]
-        dataset += list(zip(encode([good for good, _ in preferences]), encode([bad for _, bad in preferences])))
-        collator = PairwiseCollator(tokenizer.pad_token_id)
-    else:
-        dataset, collator = train_encoded, PointwiseCollator(tokenizer.pad_token_id)
-
+                                    model.config.image_seq_length, config.data.max_length, labels.facts_template)
+    train_encoded, heldout_encoded = encode(labels.train_rows), encode(labels.heldout_rows)
+    dataset, collator = training_set(rm, labels, train_encoded, encode, tokenizer.pad_token_id)
     set_trainable(model, rm)
     if rm.lora.enabled:
         model = apply_lora(model, rm, task_type=None, extra_modules_to_save=["score"])  # the new head trains fully
     if is_main_process():
-        positives = sum(r["target"] for r in train_rows)
-        print(f"rm: {len(train_rows)} training labels ({positives} correct), {len(heldout_rows)} held out, "
-              f"{len(preferences)} pairwise preferences; {rm.objective}: {len(dataset)} training examples", flush=True)
+        positives = sum(r["target"] for r in labels.train_rows)
+        print(f"rm: {len(labels.train_rows)} training labels ({positives} correct), {len(labels.heldout_rows)} held "
+              f"out, {len(labels.preferences)} pairwise preferences; {rm.objective}: {len(dataset)} training examples",
+              flush=True)
 
     checkpoints = out_dir / "checkpoints"
     clock = TrainingClock()
@@ -127,42 +182,24 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     if resume_from and is_main_process():
         print(f"rm: resuming from {resume_from}", flush=True)
     trainer.train(resume_from_checkpoint=resume_from)
-    seconds = clock.seconds  # across resumes
-
-    final_model = trainer.model
-    from peft import PeftModel
-
-    if isinstance(final_model, PeftModel):
-        final_model = final_model.merge_and_unload()
-    pad = tokenizer.pad_token_id
-    train_scores = score(final_model, train_encoded, pad)
-    threshold = fit_threshold(train_scores, [r["target"] for r in train_rows])
-    heldout_scores = score(final_model, heldout_encoded, pad)
-    families = question_families(image_root)
-    metrics = binary_metrics(heldout_scores, [r["target"] for r in heldout_rows], threshold)
-    metrics["by_group"] = group_accuracy(heldout_rows, heldout_scores, threshold, families)
-    train_fit = binary_metrics(train_scores, [r["target"] for r in train_rows], threshold)
+    final_model = trainer.model.merge_and_unload() if isinstance(trainer.model, PeftModel) else trainer.model
+    families = question_families(labels.image_root)
+    metrics, threshold = held_out_metrics(final_model, labels, train_encoded, heldout_encoded, tokenizer.pad_token_id,
+                                          families)
     metrics.update({
-        "train_fit": {"accuracy": train_fit["accuracy"], "auc": train_fit["auc"]},
-        "ranking_accuracy": ranking_accuracy(heldout_rows, heldout_scores)["accuracy"],
-        "ranking_pairs": ranking_accuracy(heldout_rows, heldout_scores)["pairs"],
-        "label_noise": label_noise(rows),
-        "facts": bool(facts_template), "soft_targets": rm.soft_targets,
-    })
-    metrics.update({
-        "objective": rm.objective, "labels": str(labels_dir), "base": str(base),
-        "train_labels": len(train_rows), "heldout_labels": len(heldout_rows), "preference_pairs": len(preferences),
-        "steps": trainer.state.global_step, "train_loss": mean_logged_loss(trainer.state.log_history),
-        "seconds": round(seconds, 2),
+        "soft_targets": rm.soft_targets, "objective": rm.objective, "labels": str(labels_dir), "base": str(base),
+        "train_labels": len(labels.train_rows), "heldout_labels": len(labels.heldout_rows),
+        "preference_pairs": len(labels.preferences), "steps": trainer.state.global_step,
+        "train_loss": mean_logged_loss(trainer.state.log_history), "seconds": round(clock.seconds, 2),  # across resumes
         "checkpoint": str(out_dir / "final"),
-        "baselines": evaluate_baselines(train_rows, heldout_rows, families) if is_main_process() else {},
+        "baselines": evaluate_baselines(labels.train_rows, labels.heldout_rows, families) if is_main_process() else {},
     })
     with gathered_parameters(trainer):  # ZeRO-3: whole weights, so rank 0 alone can sample and score
         if trainer.is_world_process_zero():
             save_reward_model(final_model, processor, out_dir / "final", to_dict(config))
             if rm.best_of_n:
                 metrics["best_of_n"] = best_of_n_on_eval_split(config, final_model, processor, threshold,
-                                                               bool(facts_template))
+                                                               bool(labels.facts_template))
             write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -170,13 +207,6 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
 def best_of_n_on_eval_split(config: RunConfig, reward_model, processor, threshold: float, facts: bool) -> dict:
     """rm.best_of_n answers sampled by the policy RL starts from for the first rm.best_of_n_questions
     questions of eval.split, picked by this reward model (rewards/diagnostics.py)."""
-    from dataclasses import replace
-
-    from rewards.diagnostics import best_of_n
-    from rewards.model_reward import FactModelReward, ModelReward
-    from vlm.data import check_vqa_record, load_split
-    from vlm.features import image_source
-    from vlm.model import load_model
 
     rm, data = config.rm, config.data
     policy_dir = config.ppo_policy
@@ -200,10 +230,6 @@ def best_of_n_on_eval_split(config: RunConfig, reward_model, processor, threshol
 
 def save_reward_model(model, processor, out_dir: Path, run_config: dict) -> None:
     """Atomic, like vlm.train.save_final: a half-written model is never taken for a finished one."""
-    import json
-    import os
-    import shutil
-
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -240,7 +266,7 @@ def summary(metrics: dict) -> str:
 
 def main(argv=None) -> int:
     parser = stage_parser("rm", __doc__)
-    parser.add_argument("--labels", help="label export dir (vqa-rlhf export-labels); default: rm.labels or the label store")
+    parser.add_argument("--labels", help="label export dir (vqa-rlhf label export); default: rm.labels or the label store")
     parser.add_argument("--base", help="VLM checkpoint for the backbone (default: rm.base or <run>/sft/final)")
     parser.add_argument("--out", help="output dir (default: <run>/rm)")
     args = parser.parse_intermixed_args(argv)

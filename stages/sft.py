@@ -25,6 +25,7 @@ from pathlib import Path
 from torch.utils.data import ConcatDataset
 from transformers import set_seed
 
+from vlm.captioning import caption_perplexity
 from vlm.config import RunConfig, to_dict
 from vlm.data import (
     RejectLog,
@@ -36,9 +37,10 @@ from vlm.data import (
     vqa_items,
 )
 from vlm.features import FeatureStore, image_source
-from vlm.retrieval import CaptionEmbeddingExamples, embedding_head, embedding_token_id
 from vlm.generate import answer_questions
-from vlm.model import build_model, build_processor, load_model, count_parameters
+from vlm.model import build_model, build_processor, count_parameters, load_model
+from vlm.retrieval import CaptionEmbeddingExamples, embedding_head, embedding_token_id
+from vlm.stage_cli import parse_stage_args, run_stage, write_json
 from vlm.train import (
     TrainingClock,
     build_trainer,
@@ -48,7 +50,6 @@ from vlm.train import (
     train_and_save,
 )
 from vlm.vqa_metric import score_records
-from stages.common import parse_stage_args, run_stage, write_json
 
 
 def corpus(config: RunConfig):
@@ -184,8 +185,6 @@ class HeldOutAccuracy(TrainingClock):
     def _evaluate(self, model, state):
         cfg = self.config
         if self.task == "captions":
-            from stages.caption_eval import caption_perplexity
-
             was_training = model.training
             model.eval()
             perplexity = caption_perplexity(model, self.processor, self.records, self.images, cfg.data,
@@ -214,7 +213,7 @@ class HeldOutAccuracy(TrainingClock):
 
 def train(config: RunConfig, callbacks=()) -> dict:
     """Runs the stage; returns its metrics. `callbacks` are extra TrainerCallbacks."""
-    work_dir = config.run_dir / "sft"
+    work_dir = config.paths.stage_dir("sft")
     work_dir.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
     tasks = training_tasks(config.data, config.data_dir)  # before a tokenizer is trained on a missing dataset

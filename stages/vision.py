@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPVisionModel
 
-from data_prep.features import build_cache
-from data_prep.regions import load_regions, probe_towers
-from stages.common import parse_stage_args, run_stage, write_json
 from vlm.config import RunConfig
 from vlm.features import signature
 from vlm.model import scratch_configs
-from vlm.vision import RegionHeads, batch_indices, cosine_lr, clip_image_processor, patch_tokens, region_loss
+from vlm.regions import load_regions, probe_towers
+from vlm.stage_cli import parse_stage_args, run_stage, write_json
+from vlm.vision import RegionHeads, batch_indices, clip_image_processor, cosine_lr, patch_tokens, region_loss
+from data_prep.features import build_cache
 
 
 def new_tower(config: RunConfig, seed: int) -> CLIPVisionModel:
@@ -72,7 +72,7 @@ def load_checkpoint(path: Path, tower, heads, optimizer) -> int:
 
 def train(config: RunConfig) -> dict:
     cfg = config.vision
-    work_dir = config.run_dir / "vision"
+    work_dir = config.paths.stage_dir("vision")
     checkpoints = work_dir / "checkpoints"
     work_dir.mkdir(parents=True, exist_ok=True)
     pixels, targets = load_regions(config, config.data.train_split)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     if config.model.checkpoint or config.model.text_model:
         sys.exit("error: the vision stage pretrains a tower from model.* dimensions; this config builds on "
                  "pretrained parts or a checkpoint, so drop `vision` from its stages")
-    work_dir = config.run_dir / "vision"
+    work_dir = config.paths.stage_dir("vision")
     result = train(config)
     save_tower(result["tower"], config, config.vision_final)
     probes = probe_towers(config, {"trained": result["tower"], "untrained": new_tower(config, config.seed)})

@@ -4,17 +4,17 @@ import json
 import math
 
 import pytest
-
 from conftest import REPO
+
 from vlm.config import load_config
 
 
 @pytest.fixture
 def captioned_run(tiny_overrides):
     """A 4-step SFT run of a prefix-projector model, then caption_eval, then the report."""
+    from vlm.report import build_report
     from stages import sft
     from stages.caption_eval import evaluate_captions
-    from stages.report import build_report
 
     config = load_config(REPO / "configs/default.yaml",
                          [*tiny_overrides, "model.projector=prefix", "model.prefix_length=2",
@@ -42,9 +42,9 @@ def test_caption_eval_scores_each_image_against_its_references_and_reports(capti
 def test_caption_perplexity_is_exp_of_the_mean_token_nll(tiny_model, tiny_processor, tiny_data_dir):
     import torch
 
+    from vlm.captioning import caption_perplexity
     from vlm.config import DataConfig
     from vlm.data import ImageCache, RejectLog, encode_turns, load_split
-    from stages.caption_eval import caption_perplexity
 
     records = [load_split(tiny_data_dir, "captions", "val")[i] for i in range(2)]
     images = ImageCache(tiny_processor.image_processor, tiny_data_dir)

@@ -6,8 +6,9 @@ import random
 import subprocess
 import sys
 
-from bench import chaos
 from conftest import REPO
+
+from bench import chaos
 
 STAGES = ["prep", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval", "caption_eval"]
 

@@ -9,7 +9,7 @@ DEFAULT = REPO / "configs" / "default.yaml"
 
 def test_default_config_loads():
     config = load_config(DEFAULT)
-    assert config.stages == ["prep", "vision", "sft", "sample", "autolabel", "rm", "ppo", "instruct", "eval", "caption_eval"]
+    assert config.stages == ["prep", "vision", "sft", "eval", "sample", "autolabel", "rm", "ppo", "instruct", "caption_eval"]
     assert str(config.run_dir) == "runs/default"
 
 

@@ -16,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from datasets import load_from_disk
 from PIL import Image
 
-from data_prep import convert
 from vlm.data import ImageCache, check_image_path, check_vqa_record, load_rgb
-
-from conftest import REPO
-
+from data_prep import convert
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -476,8 +474,8 @@ def test_training_time_image_cache_follows_a_symlinked_image_root_but_refuses_es
 # --- the stages read it -----------------------------------------------------------------------------
 
 def test_a_converted_vqa_dataset_trains_in_sft(tmp_path, coco_2014, tiny_overrides):
-    from stages import sft
     from vlm.config import load_config
+    from stages import sft
 
     q, a, _ = vqa_train_fixture(tmp_path)
     out = tmp_path / "vqa-data"
@@ -492,7 +490,7 @@ def test_a_converted_vqa_dataset_trains_in_sft(tmp_path, coco_2014, tiny_overrid
     assert metrics["steps"] == 3 and metrics["examples"] == 3 and metrics["rejected"] == 0
     assert (config.run_dir / "sft" / "final" / "model.safetensors").is_file()
     # ...and evaluation scores its val split (VQA v2 has no test answers: val stands in for test).
-    from stages import evaluate
+    from vlm import evaluation as evaluate
 
     config = load_config(REPO / "configs/default.yaml", [*overrides, "eval.split=val"])
     scored = evaluate.evaluate(config, config.run_dir / "sft" / "final", "sft")
@@ -502,7 +500,7 @@ def test_a_converted_vqa_dataset_trains_in_sft(tmp_path, coco_2014, tiny_overrid
 # --- commands -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [["prep", "vqav2"], ["prep", "llava"], ["prep", "coco-captions"],
-                                     ["prep", "flickr30k"], ["bench-convert"]])
+                                     ["prep", "flickr30k"], ["bench", "convert"]])
 def test_converter_commands_explain_themselves(command):
     done = subprocess.run([sys.executable, "-m", "stages.cli", *command, "--help"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr

@@ -1,7 +1,18 @@
 """Description quality (vlm/describe_metric.py) against hand-computed values."""
 from datasets import load_from_disk
 
-from vlm.describe_metric import Mention, parse_description, score_descriptions
+from vlm.describe_metric import DescriptionScore, Mention, parse_description
+
+
+def score_descriptions(descriptions: list[str], scenes: list[list[dict]], grid: int = 3) -> dict:
+    """Percent precision / recall of what `descriptions` say about `scenes` (same order)."""
+    if len(descriptions) != len(scenes):
+        raise ValueError(f"{len(descriptions)} descriptions for {len(scenes)} scenes")
+    score = DescriptionScore()
+    for text, objects in zip(descriptions, scenes):
+        score.add(parse_description(text, grid), objects)
+    return score.result()
+
 
 
 def obj(colour, shape, row, col):

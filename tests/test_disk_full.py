@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
-from conftest import REPO
 from vlm.files import is_disk_full, write_json
 from vlm.train import last_complete_checkpoint
 
@@ -48,8 +48,8 @@ def disk_full_for(paths_containing: str):
 
 def test_a_full_disk_during_an_sft_checkpoint_is_one_clear_error_and_the_run_resumes_once_there_is_space(
         tiny_overrides, tmp_path, monkeypatch, capsys):
+    from vlm.stage_cli import run_stage
     from stages import sft
-    from stages.common import run_stage
 
     overrides = [*tiny_overrides, "sft.steps=6", "sft.save_steps=2", "sft.save_total_limit=5"]
     assert run_stage(sft.main, [str(DEFAULT_CONFIG), *overrides, "name=straight"]) == 0
@@ -104,8 +104,8 @@ def small_disk(tmp_path):
 
 def test_a_really_full_disk_during_an_sft_checkpoint_is_one_clear_error_and_the_run_resumes_once_there_is_space(
         tiny_overrides, tmp_path, small_disk, capsys):
+    from vlm.stage_cli import run_stage
     from stages import sft
-    from stages.common import run_stage
 
     overrides = [*tiny_overrides, "sft.steps=6", "sft.save_steps=2", "sft.save_total_limit=5"]
     assert run_stage(sft.main, [str(DEFAULT_CONFIG), *overrides, "name=straight"]) == 0

@@ -8,21 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.features import build_cache, dataset_images, main as features_main
-from stages import evaluate, sft
+from vlm import evaluation as evaluate
 from vlm.config import load_config
 from vlm.data import ImageCache, RejectLog, SupervisedDataset, VLMCollator, caption_items
-from vlm.features import (
-    FeatureCacheMismatch,
-    FeatureStore,
-    image_inputs,
-    open_for_model,
-    vision_features,
-)
+from vlm.features import FeatureCacheMismatch, FeatureStore, open_for_model
 from vlm.generate import answer_questions
-from stages.common import DEFAULT_CONFIG
-
-from conftest import TINY_MODEL
+from vlm.image_input import FEATURES, vision_features
+from vlm.stage_cli import DEFAULT_CONFIG
+from data_prep.features import build_cache, dataset_images
+from data_prep.features import main as features_main
+from stages import sft
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def test_a_forward_on_cached_features_equals_the_forward_on_pixels(cache_dir, ti
     with torch.no_grad():
         expected = tiny_model(**on_pixels)
         features = on_cache.pop("image_features")
-        got = tiny_model(**on_cache, **image_inputs(tiny_model, features, "image_features"))
+        got = tiny_model(**on_cache, **FEATURES.model_inputs(tiny_model, features))
     torch.testing.assert_close(got.logits, expected.logits)
     torch.testing.assert_close(got.loss, expected.loss)
 
@@ -81,9 +76,9 @@ def test_answers_sampled_for_labeling_from_cached_features_equal_those_from_pixe
         cache_dir, tiny_data_dir, tiny_model, tiny_processor, monkeypatch):
     from transformers.models.clip import modeling_clip
 
-    from rewards.sampling import sample_candidates
     from vlm.config import DecodingConfig
     from vlm.data import load_split
+    from rewards.sampling import sample_candidates
 
     config = load_config(DEFAULT_CONFIG, [])
     records = list(load_split(tiny_data_dir, "vqa", "train"))[:6]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from vlm.config import DataConfig, load_config
 from vlm.data import (
@@ -25,8 +26,6 @@ from vlm.data import (
     move_image_token,
     prompt_ids,
 )
-
-from conftest import REPO
 
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 IMAGE_CONVERSATION = [
@@ -257,7 +256,7 @@ def test_instruct_run_from_an_sft_checkpoint_writes_final_and_metrics(tiny_overr
     assert not torch.equal(final.lm_head.weight, tiny_model.lm_head.weight)
     assert json.loads((work / "final" / "training_config.json").read_text())["instruct"]["steps"] == 3
     # The run report gains stages.instruct with exactly the stage's headline figures.
-    from stages.report import build_report
+    from vlm.report import build_report
 
     assert build_report(config.run_dir)["stages"]["instruct"] == {
         key: saved[key] for key in ("vqa_accuracy_before", "vqa_accuracy_after", "description_precision",

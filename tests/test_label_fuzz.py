@@ -10,7 +10,8 @@ import sqlite3
 from urllib.parse import quote, urlencode
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.test_label_app import Server, make_dataset
 

@@ -4,8 +4,8 @@ import sqlite3
 
 import pytest
 
-from rewards.label_store import AUTO, LabelStore, StoreError, UnknownSample, cohen_kappa, resolve_sample
 from vlm.data import RejectLog
+from rewards.label_store import AUTO, LabelStore, StoreError, UnknownSample, cohen_kappa, resolve_sample
 
 GT_RED = ["red"] * 10
 
@@ -276,15 +276,15 @@ def test_autolabel_export_import_commands(tmp_path, capsys):
         export_labels.main(["--db", str(tmp_path / "nope.db"), "--out", str(tmp_path / "o2")])
 
 
-@pytest.mark.parametrize("subcommand", ["sample", "label", "autolabel", "export-labels", "import-labels",
-                                        "bench-labels"])
+@pytest.mark.parametrize("subcommand", ["sample", "label", "autolabel", "label export", "label import",
+                                        "bench labels"])
 def test_labeling_subcommands_explain_themselves(subcommand):
     import subprocess
     import sys
 
     from tests.conftest import REPO
 
-    result = subprocess.run([sys.executable, "-m", "stages.cli", subcommand, "--help"],
+    result = subprocess.run([sys.executable, "-m", "stages.cli", *subcommand.split(), "--help"],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "usage: vqa-rlhf " + subcommand in result.stdout

@@ -6,7 +6,6 @@ import torch
 
 from vlm.config import DecodingConfig
 from vlm.generate import generate
-from vlm.model import load_model
 
 PROMPT = "USER: <image>\nWhat color is the circle?\nASSISTANT:"
 
@@ -75,8 +74,7 @@ def test_chat_template_renders_the_training_prompt(tiny_processor):
 
 def test_pretrained_parts_load_from_local_dirs_and_keep_their_weights(tmp_path):
     """The real-config path (model.text_model / model.vision_model), on local tiny copies."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPT2Config,
-                              GPT2LMHeadModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
 
     from vlm.config import ModelConfig
     from vlm.model import build_model, build_processor

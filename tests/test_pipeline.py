@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, TINY_DIMS, TINY_MODEL
+from tests.conftest import REPO, TINY_DIMS
 
 
 def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path):
@@ -69,7 +69,7 @@ def test_unknown_subcommand_lists_the_real_ones():
 
 def test_without_autolabel_the_run_stops_after_sample_and_says_how_to_label_and_continue(tmp_path, monkeypatch,
                                                                                          capsys):
-    from stages import pipeline
+    from vlm import pipeline
     from vlm.config import load_config
 
     started = []
@@ -84,7 +84,7 @@ def test_without_autolabel_the_run_stops_after_sample_and_says_how_to_label_and_
 
 
 def test_a_stage_resumes_its_own_checkpoints_but_never_those_of_another_config(tmp_path, monkeypatch):
-    from stages import pipeline
+    from vlm import pipeline
     from vlm.config import load_config
 
     monkeypatch.setattr(pipeline.subprocess, "call", lambda command: 0)

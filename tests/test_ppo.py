@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from vlm.image_input import FEATURES, PIXELS
 from tests.conftest import REPO
 
 
@@ -55,7 +56,7 @@ def require_pixels(monkeypatch):
 
 
 def test_response_mask_keeps_the_answer_eos():
-    from stages.ppo import response_mask
+    from rewards.ppo_trainer import response_mask
 
     eos = 0
     responses = torch.tensor([[5, 6, eos, eos, eos], [7, eos, 9, eos, eos], [1, 2, 3, 4, 5]])
@@ -88,7 +89,7 @@ def test_ppo_step_passes_pixels_everywhere_and_saves(require_pixels, tiny_overri
 def test_image_token_is_never_sampled(tiny_overrides, ppo_dirs):
     """Even when the policy prefers <image> above everything, rollouts never contain it and its
     log-probs are those of the suppressed distribution (finite, as in generation)."""
-    from stages.ppo import PPORun
+    from rewards.ppo_run import PPORun
 
     run = PPORun(ppo_config(tiny_overrides, ppo_dirs))
     trainer = run.build()
@@ -114,7 +115,8 @@ def test_lora_ppo_step_uses_adapter_free_reference(require_pixels, tiny_override
     from peft import PeftModel
     from transformers import LlavaForConditionalGeneration
 
-    from stages.ppo import PPORun, train
+    from rewards.ppo_run import PPORun
+    from stages.ppo import train
 
     config = ppo_config(tiny_overrides, ppo_dirs, "ppo.lora.enabled=true", "ppo.lora.r=4")
     run = PPORun(config)
@@ -244,7 +246,8 @@ def test_with_a_matching_cache_ppo_trains_without_running_a_vision_tower(lora, t
 def test_a_ppo_update_from_cached_features_equals_one_from_pixels(tiny_overrides, ppo_dirs, feature_cache):
     """Same prompts, same seed: the cache changes where the image comes from, not the rollout
     (answers, log-probs, reference, values, rewards) nor the update made from it."""
-    from stages.ppo import PPORun, PromptCollator
+    from rewards.ppo_run import PPORun
+    from rewards.ppo_trainer import PromptCollator
 
     def one_update(*extra):
         run = PPORun(ppo_config(tiny_overrides, ppo_dirs, *extra))
@@ -258,9 +261,9 @@ def test_a_ppo_update_from_cached_features_equals_one_from_pixels(tiny_overrides
 
     cached, cached_rollout, cached_stats = one_update(f"data.feature_cache={feature_cache}", "name=cached")
     pixels, pixel_rollout, pixel_stats = one_update("name=pixels")
-    assert (cached.policy_input, cached.critic_input) == ("image_features", "image_features")
-    assert (pixels.policy_input, pixels.critic_input) == ("pixel_values", "pixel_values")
-    assert list(cached_rollout["images"]) == ["image_features"] and list(pixel_rollout["images"]) == ["pixel_values"]
+    assert (cached.policy_input, cached.critic_input) == (FEATURES, FEATURES)
+    assert (pixels.policy_input, pixels.critic_input) == (PIXELS, PIXELS)
+    assert list(cached_rollout["images"]) == [FEATURES.key] and list(pixel_rollout["images"]) == [PIXELS.key]
     assert torch.equal(cached_rollout["responses"], pixel_rollout["responses"])
     for key in ("logprobs", "ref_logprobs", "values", "scores"):
         torch.testing.assert_close(cached_rollout[key], pixel_rollout[key], atol=1e-4, rtol=1e-4, msg=key)
@@ -273,15 +276,15 @@ def test_a_ppo_update_from_cached_features_equals_one_from_pixels(tiny_overrides
 
 def test_a_reward_model_with_its_own_tower_reads_pixels_while_the_policy_reads_the_cache(
         tiny_overrides, ppo_dirs, feature_cache, tmp_path, capsys):
+    from rewards.ppo_run import PPORun
     from rewards.reward_model import RewardModel
-    from stages.ppo import PPORun
 
     own_tower = with_another_vision_tower(ppo_dirs[1], tmp_path / "rm-own-tower", RewardModel)
     run = PPORun(ppo_config(tiny_overrides, ppo_dirs, f"data.feature_cache={feature_cache}",
                             f"ppo.reward_model={own_tower}"))
     trainer = run.build()
     assert "the reward and value models read pixels" in capsys.readouterr().out
-    assert (trainer.policy_input, trainer.critic_input) == ("image_features", "pixel_values")
+    assert (trainer.policy_input, trainer.critic_input) == (FEATURES, PIXELS)
     wrapper = trainer.accelerator.unwrap_model(trainer.model)
     runs = count_tower_runs(wrapper.policy, trainer.ref_model, wrapper.value_model, trainer.reward_model.model)
     batch = next(iter(trainer.dataloader))
@@ -296,13 +299,13 @@ def test_the_cache_is_not_used_when_ppo_trains_the_tower_and_refused_when_made_b
         tiny_overrides, ppo_dirs, feature_cache, tmp_path, capsys):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from stages.ppo import PPORun
     from vlm.features import FeatureCacheMismatch
+    from rewards.ppo_run import PPORun
 
     trains_vision = PPORun(ppo_config(tiny_overrides, ppo_dirs, f"data.feature_cache={feature_cache}",
                                       "ppo.freeze_vision=false")).build()
     assert "data.feature_cache is not used by the PPO policy" in capsys.readouterr().out
-    assert (trains_vision.policy_input, trains_vision.critic_input) == ("pixel_values", "pixel_values")
+    assert (trains_vision.policy_input, trains_vision.critic_input) == (PIXELS, PIXELS)
 
     other_policy = with_another_vision_tower(ppo_dirs[0], tmp_path / "other-policy", LlavaForConditionalGeneration)
     AutoProcessor.from_pretrained(ppo_dirs[0]).save_pretrained(other_policy)  # the processor travels with a policy

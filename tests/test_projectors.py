@@ -5,8 +5,8 @@ feature-cache path, gradients reaching its new modules; schedules: gradients rea
 the parts the current phase unfreezes, frozen GPT-2 blocks, optimizer choice."""
 import pytest
 import torch
-
 from conftest import REPO, TINY_MODEL
+
 from vlm.config import DecodingConfig, TrainConfig, load_config
 from vlm.data import encode_example
 from vlm.model import build_model, load_model
@@ -90,14 +90,14 @@ def test_every_new_module_gets_gradients_and_maps_to_its_part(tiny_processor, pr
 
 @pytest.mark.parametrize("projector", ["prefix", "cross-attention"])
 def test_cached_features_give_the_same_logits_as_pixels(tiny_processor, projector):
-    from vlm.features import image_inputs, vision_features
+    from vlm.image_input import FEATURES, vision_features
 
     model = _model(tiny_processor, projector).eval()
     batch = _batch(model, tiny_processor.tokenizer)
     with torch.no_grad():
         from_pixels = model(**batch).logits
         features = vision_features(model.model.vision_tower, batch.pop("pixel_values"), -1)
-        from_cache = model(**batch, **image_inputs(model, features, "image_features")).logits
+        from_cache = model(**batch, **FEATURES.model_inputs(model, features)).logits
     assert torch.allclose(from_pixels, from_cache, atol=1e-5)
     from vlm.generate import generate
 
@@ -106,7 +106,7 @@ def test_cached_features_give_the_same_logits_as_pixels(tiny_processor, projecto
     with torch.no_grad():
         cached = vision_features(model.model.vision_tower, pixels, -1)
     assert generate(model, tiny_processor.tokenizer, [PROMPT] * 2, cached, decoding, 96,
-                    image_input_name="image_features") == \
+                    image_kind=FEATURES) == \
         generate(model, tiny_processor.tokenizer, [PROMPT] * 2, pixels, decoding, 96)
 
 

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO
+from safetensors.torch import load_file
 
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 

@@ -4,10 +4,41 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from vlm.retrieval import (
+    EMBED_TOKEN,
+    EmbeddingHead,
+    caption_inputs,
+    image_index,
+    predict_embeddings,
+    recall_at_k,
+    retrieval_recall,
+)
 from tests.conftest import REPO, TINY_MODEL
-from vlm.retrieval import (EmbeddingHead, add_embedding_token, caption_inputs, clip_gpt_loss, image_index,
-                           recall_at_k, retrieval_recall)
+
+# Test-side helpers: the model code adds `<clip>` when it builds a model (vlm/model.py) and trains
+# CE + MSE through the Trainer (vlm/train.py VLMTrainer); these do the same on an existing tiny model.
+
+def add_embedding_token(processor, model) -> int:
+    """Adds `<clip>` to the tokenizer and a row for it to GPT-2's embeddings (and lm_head); its id."""
+    tokenizer = processor.tokenizer
+    if EMBED_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [EMBED_TOKEN]},
+                                     replace_extra_special_tokens=False)
+    token_id = tokenizer.convert_tokens_to_ids(EMBED_TOKEN)
+    if token_id >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return token_id
+
+
+def clip_gpt_loss(model, head: EmbeddingHead, caption_batch: dict, embed_inputs: dict, targets: torch.Tensor,
+                  mse_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CE + mse_weight * MSE, CE, MSE): image -> caption (answer-only CE on a VLMCollator batch)
+    and caption -> embedding (MSE against the images' pooled CLIP embeddings)."""
+    ce = model(**caption_batch).loss
+    mse = F.mse_loss(predict_embeddings(model, head, embed_inputs), targets)
+    return ce + mse_weight * mse, ce, mse
 
 
 def test_recall_on_a_planted_index():
@@ -25,8 +56,8 @@ def test_recall_on_a_planted_index():
 
 def test_index_from_the_feature_cache_retrieves_each_image_from_its_own_embedding(
         tiny_model, tiny_processor, tiny_data_dir, tmp_path):
-    from data_prep.features import build_cache, dataset_images
     from vlm.features import FeatureStore
+    from data_prep.features import build_cache, dataset_images
 
     tiny_model.save_pretrained(tmp_path / "model")
     tiny_processor.save_pretrained(tmp_path / "model")
@@ -124,8 +155,8 @@ CLIP_HEAD = ["model.projector=prefix", "model.prefix_length=1", "model.clip_head
 def clip_gpt_run(tiny_overrides):
     """A tiny CLIP-GPT SFT run (CE + MSE on caption examples), then retrieval_eval and the report."""
     from vlm.config import load_config
+    from vlm.report import build_report
     from stages import sft
-    from stages.report import build_report
     from stages.retrieval_eval import evaluate_retrieval
 
     config = load_config(REPO / "configs/default.yaml",
@@ -207,12 +238,12 @@ def test_retrieval_eval_of_a_model_without_the_head_says_so(tiny_model, tiny_pro
 def test_with_the_feature_cache_the_targets_and_index_are_the_towers_cls_rows(tiny_overrides, tiny_data_dir, tmp_path):
     """Training reads cached features (frozen tower) and eval's index comes from the cache;
     both equal what the vision tower computes from pixels, so recall is the same either way."""
-    from data_prep.features import build_cache
     from vlm.config import load_config
     from vlm.data import ImageCache
     from vlm.features import FeatureStore
+    from vlm.image_input import PIXELS
     from vlm.model import build_model, build_processor
-    from vlm.retrieval import pooled_image_embeddings
+    from data_prep.features import build_cache
     from stages import sft
     from stages.retrieval_eval import evaluate_retrieval
     from stages.sft import corpus
@@ -226,7 +257,7 @@ def test_with_the_feature_cache_the_targets_and_index_are_the_towers_cls_rows(ti
     store = FeatureStore(tmp_path / "features")
     images = sorted(store.rows)[:4]
     pixels = torch.stack([ImageCache(processor.image_processor, tiny_data_dir)(i) for i in images])
-    assert torch.allclose(pooled_image_embeddings(model, pixels, "pixel_values"),
+    assert torch.allclose(PIXELS.pooled(model, pixels),
                           torch.stack([store(i)[0] for i in images]), atol=1e-5)
 
     cached = load_config(REPO / "configs/default.yaml", [

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from tests.conftest import REPO
-
 from rewards.labels_io import binary_metrics, fit_threshold, split_by_image
 from rewards.reward_model import RewardModel, last_token_index
 from rewards.train_rm import pairwise_loss, pointwise_loss
+from tests.conftest import REPO
 
 
 @pytest.fixture

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY_MODEL
+from rewards.base import RewardContext, RewardInput, build_reward
+from tests.conftest import REPO
 from tests.test_ppo import ppo_config, ppo_dirs  # noqa: F401  (fixture)
-
-from rewards.base import RewardInput
 
 
 def item(answer, answers=("red",) * 10, caption=None, record_id="q1", image="images/train/000000.png",
@@ -26,8 +26,8 @@ def config_with(tiny_overrides, *extra):
 
 
 def context_for(processor, data_dir):
-    from rewards.base import RewardContext
     from vlm.data import ImageCache
+    from rewards.base import RewardContext
 
     pixels = ImageCache(processor.image_processor, data_dir)
     return RewardContext(processor, lambda model: pixels, data_dir)
@@ -37,8 +37,8 @@ def context_for(processor, data_dir):
 
 def test_vqa_accuracy_reward_is_the_official_metric_and_needs_reference_answers(tiny_overrides, tiny_processor,
                                                                                 tiny_data_dir):
-    from rewards.base import build_reward
     from vlm.vqa_metric import vqa_accuracy
+    from rewards.base import build_reward
 
     reward = build_reward(config_with(tiny_overrides, "ppo.reward=vqa_accuracy"),
                           context_for(tiny_processor, tiny_data_dir))
@@ -61,10 +61,10 @@ def test_similarity_reward_is_minilm_against_the_closest_reference(tiny_override
 
 def test_model_reward_scores_an_answer_as_the_reward_model_was_trained_on_it(tiny_overrides, tiny_processor,
                                                                              tiny_data_dir, ppo_dirs):
+    from vlm.data import ImageCache
     from rewards.base import build_reward
     from rewards.reward_model import RewardModel
     from rewards.train_rm import encode_rows, score
-    from vlm.data import ImageCache
 
     sft, rm = ppo_dirs
     config = config_with(tiny_overrides, f"ppo.reward_model={rm}")
@@ -100,15 +100,24 @@ def test_rewards_mix_as_a_weighted_sum(tiny_overrides, tiny_processor, tiny_data
     assert mixed.threshold == pytest.approx(model.threshold + 2.5 * (0.6 - 1e-6))
 
 
-def test_reward_config_errors_name_the_key_and_suggest(tiny_overrides):
+def test_reward_config_errors_name_the_key_and_suggest(tiny_overrides, tmp_path):
+    """Checked where rewards are resolved (vlm/config.py knows no reward names) and by the
+    pipeline before its first stage."""
     from vlm.config import ConfigError
+    from rewards.registry import check_reward_config
 
     with pytest.raises(ConfigError, match=r"ppo.reward.*'vqa_acuracy'.*did you mean vqa_accuracy"):
-        config_with(tiny_overrides, "ppo.reward=vqa_acuracy")
+        check_reward_config(config_with(tiny_overrides, "ppo.reward=vqa_acuracy").ppo)
     with pytest.raises(ConfigError, match=r"ppo.reward_weights.similarity.*not in ppo.reward"):
-        config_with(tiny_overrides, "ppo.reward_weights={similarity: 1}")
+        check_reward_config(config_with(tiny_overrides, "ppo.reward_weights={similarity: 1}").ppo)
     with pytest.raises(ConfigError, match=r"ppo.reward_weights.model.*number"):
-        config_with(tiny_overrides, "ppo.reward_weights={model: high}")
+        check_reward_config(config_with(tiny_overrides, "ppo.reward_weights={model: high}").ppo)
+    with pytest.raises(ConfigError, match=r"did you mean vqa_accuracy"):
+        build_reward(config_with(tiny_overrides, "ppo.reward=vqa_acuracy"), RewardContext(None, None, tmp_path))
+    result = subprocess.run([str(REPO / "launch.sh"), "ppo.reward=vqa_acuracy", f"output_root={tmp_path}"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0 and "did you mean vqa_accuracy" in result.stderr
+    assert not (tmp_path / "default").exists()  # no stage started
 
 
 # ---------------------------------------------------------------- the fact-augmented reward model
@@ -178,10 +187,10 @@ def test_fact_model_training_needs_captions(saved_tiny_model, tiny_overrides, ti
 
 def test_soft_targets_train_on_the_official_accuracy(saved_tiny_model, tiny_data_dir, tiny_overrides, tmp_path,
                                                     monkeypatch):
+    from vlm.vqa_metric import vqa_accuracy
     from rewards.labels_io import load_labels
     from stages import rm as rm_stage
     from tests.test_reward_model import planted_labels
-    from vlm.vqa_metric import vqa_accuracy
 
     seen = {}
 
@@ -216,8 +225,8 @@ def test_soft_targets_train_on_the_official_accuracy(saved_tiny_model, tiny_data
 
 def test_ppo_with_the_verifiable_reward_draws_unseen_prompts_and_scores_the_official_metric(
         tiny_overrides, ppo_dirs):
-    from stages.ppo import PPORun
     from vlm.vqa_metric import vqa_accuracy
+    from rewards.ppo_run import PPORun
 
     run = PPORun(ppo_config(tiny_overrides, ppo_dirs, "ppo.reward=vqa_accuracy", "ppo.reward_model=/nonexistent"))
     trainer = run.build()  # no reward model needed: the critic starts from the policy's backbone
@@ -234,7 +243,7 @@ def test_ppo_with_the_verifiable_reward_draws_unseen_prompts_and_scores_the_offi
 # ---------------------------------------------------------------- the reward-hacking guard
 
 def test_hacking_alarm_fires_when_reward_rises_while_agreement_falls():
-    from stages.ppo import hacking_alarm
+    from rewards.ppo_run import hacking_alarm
 
     def log(rewards, agreements):
         return [{"step": 0, "val_vqa_accuracy": 50}] + [
@@ -268,7 +277,7 @@ class PlantedHacking:
 @pytest.fixture
 def planted_held_out(monkeypatch):
     """Held-out accuracy by update as planted here; the policy's weights at each evaluation kept."""
-    from stages.ppo import PPORun
+    from rewards.ppo_run import PPORun
 
     planted, weights = {}, {}
 
@@ -349,7 +358,7 @@ def write_predictions(eval_dir, accuracies, families):
 
 
 def test_before_after_comparison_is_paired_over_questions(tmp_path):
-    from stages.evaluate import compare_evaluations
+    from vlm.evaluation import compare_evaluations
 
     families = ["count"] * 50 + ["colour"] * 50
     before = [0.3] * 100
@@ -387,11 +396,11 @@ def test_ranking_accuracy_and_label_noise():
 
 
 def test_best_of_n_picks_by_the_reward(tiny_overrides, tiny_processor, tiny_data_dir, saved_tiny_model):
-    from rewards.base import build_reward
-    from rewards.diagnostics import best_of_n
     from vlm.config import DecodingConfig
     from vlm.data import ImageCache, load_split
     from vlm.model import load_model
+    from rewards.base import build_reward
+    from rewards.diagnostics import best_of_n
 
     config = config_with(tiny_overrides, "ppo.reward=vqa_accuracy")
     policy, processor = load_model(saved_tiny_model)
@@ -409,13 +418,13 @@ def test_best_of_n_picks_by_the_reward(tiny_overrides, tiny_processor, tiny_data
 @pytest.mark.parametrize("trainer_name", ["GRPOTrainer", "RLOOTrainer"])
 def test_group_rl_log_probs_of_a_left_padded_row_equal_the_unpadded_rows(trainer_name, tiny_model, tiny_processor):
     """trl's log-prob forward passes no position_ids; with GPT-2 a left-padded row's tokens then sit
-    at shifted positions. With stages.group_rl.positions_from_the_mask they do not."""
+    at shifted positions. With rewards.group_rl.positions_from_the_mask they do not."""
     import inspect
     import types
 
     import trl
 
-    from stages.group_rl import positions_from_the_mask
+    from rewards.group_rl import positions_from_the_mask
 
     logps_of = getattr(trl, trainer_name)._get_per_token_logps_and_entropies
     model = tiny_model.eval()
@@ -446,8 +455,8 @@ def test_group_rl_log_probs_of_a_left_padded_row_equal_the_unpadded_rows(trainer
 def test_the_ppo_command_reports_the_comparison_and_the_oracle_control(tiny_overrides, ppo_dirs, tmp_path):
     """`vqa-rlhf ppo` end to end on the tiny model: before / after per question, then the same budget with
     the verifiable reward (ppo.oracle_control), all in metrics.json and the report."""
+    from vlm.report import build_report
     from stages.ppo import main
-    from stages.report import build_report
 
     sft, rm = ppo_dirs
     assert main([str(REPO / "configs/default.yaml"), *tiny_overrides, f"ppo.policy={sft}", f"ppo.reward_model={rm}",

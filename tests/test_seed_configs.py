@@ -17,7 +17,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from test_convert import annotation, jpeg, vqa_files, write_json
 from test_submission import official_load_res

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from stages import sft
 from vlm.config import load_config
 from vlm.train import last_complete_checkpoint, model_part
-
-from conftest import REPO
+from stages import sft
 
 DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
-from test_convert import annotation, jpeg, prep, vqa_files
+from test_convert import jpeg, prep, vqa_files
+
 from vlm.config import load_config
 from vlm.vqa_metric import check_results, submission_answer
 
@@ -70,7 +70,7 @@ def test_dev(tmp_path):
 
 
 def test_a_test_dev_split_gets_a_validated_submission_file_and_no_scores(tmp_path, test_dev, saved_tiny_model):
-    from stages import evaluate
+    from vlm import evaluation as evaluate
 
     q, _, out = test_dev
     config = load_config(REPO / "configs/default.yaml", [f"output_root={tmp_path}", "name=sub", "data.source=disk", "data.feature_cache=null",
@@ -94,7 +94,7 @@ def test_a_test_dev_split_gets_a_validated_submission_file_and_no_scores(tmp_pat
 
 
 def test_a_question_the_converter_rejected_stops_the_submission_naming_it(tmp_path, test_dev, saved_tiny_model):
-    from stages import evaluate
+    from vlm import evaluation as evaluate
 
     q, images, out = test_dev
     questions = json.loads(q.read_text())
@@ -113,7 +113,7 @@ def test_a_question_the_converter_rejected_stops_the_submission_naming_it(tmp_pa
 
 
 def test_a_split_with_answers_writes_the_same_file_beside_its_scores(tmp_path, tiny_data_dir, saved_tiny_model):
-    from stages import evaluate
+    from vlm import evaluation as evaluate
     from vlm.data import load_split
 
     overrides = [f"output_root={tmp_path}", "name=scored", f"data.dir={tiny_data_dir}", "data.feature_cache=null"]

@@ -3,8 +3,8 @@ stages a captions-only run cannot do instead of failing in them."""
 import json
 
 import pytest
-
 from conftest import REPO
+
 from vlm.config import ConfigError, DataConfig, load_config
 from vlm.data import load_split, training_tasks
 
@@ -67,7 +67,7 @@ def test_captions_only_sft_trains_on_every_train_caption_and_tracks_held_out_cap
     curve = [json.loads(line) for line in (config.run_dir / "sft" / "eval_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in curve] == [0, 2, 4]
     assert all(1 < e["caption_perplexity"] < 400 and "vqa_accuracy" not in e for e in curve)
-    from stages.report import build_report
+    from vlm.report import build_report
 
     report = build_report(config.run_dir)["stages"]["sft"]
     assert report["val_accuracy_curve"] == [] and len(report["val_caption_perplexity_curve"]) == 3
@@ -75,7 +75,7 @@ def test_captions_only_sft_trains_on_every_train_caption_and_tracks_held_out_cap
 
 def test_the_pipeline_skips_vqa_stages_of_a_captions_only_run_and_says_why(tmp_path, tiny_data_dir, monkeypatch,
                                                                             capsys):
-    from stages import pipeline
+    from vlm import pipeline
 
     started = []
     monkeypatch.setattr(pipeline.subprocess, "call", lambda command: started.append(command[command.index("-m") + 1]) or 0)

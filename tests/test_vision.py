@@ -1,6 +1,5 @@
 """The vision stage: a tower pretrained on the captions' regions, saved stock, frozen under SFT."""
 import json
-import random
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY_DIMS, TINY_DATA
+from tests.conftest import REPO, TINY_DATA, TINY_DIMS
 
 
 def test_caption_regions_reads_back_every_object_of_every_generated_caption(tiny_data_dir):
@@ -33,7 +32,7 @@ def test_a_caption_outside_the_region_grammar_is_an_error_naming_the_phrase():
 def test_a_caption_outside_the_grammar_in_a_dataset_names_the_file_record_and_field(tiny_data_dir, monkeypatch):
     from datasets import Dataset
 
-    from data_prep import regions
+    from vlm import regions
     from vlm.config import load_config
 
     config = load_config(REPO / "configs/default.yaml", [*TINY_DIMS, f"data.dir={tiny_data_dir}"])
@@ -83,9 +82,9 @@ def vision_overrides(tiny_data_dir, tmp_path) -> list[str]:
 def test_the_vision_stage_saves_a_stock_tower_its_probe_and_the_feature_cache(vision_overrides, tmp_path):
     from transformers import AutoImageProcessor, CLIPVisionModel
 
-    from stages import vision
     from vlm.config import load_config
     from vlm.features import FeatureStore, signature
+    from stages import vision
 
     assert vision.main(["configs/default.yaml", *vision_overrides]) == 0
     config = load_config(REPO / "configs/default.yaml", vision_overrides)
@@ -103,8 +102,8 @@ def test_the_vision_stage_saves_a_stock_tower_its_probe_and_the_feature_cache(vi
 
 
 def test_a_killed_vision_stage_resumes_to_the_same_tower(vision_overrides, tmp_path, monkeypatch):
-    from stages import vision
     from vlm.config import load_config
+    from stages import vision
 
     config = load_config(REPO / "configs/default.yaml", [*vision_overrides, "vision.feature_cache=false"])
     whole = vision.train(config)["tower"].state_dict()
@@ -134,8 +133,8 @@ def test_sft_on_the_vision_stage_tower_keeps_it_frozen_and_reads_its_feature_cac
                                                                                 monkeypatch):
     from transformers import CLIPVisionModel
 
-    from stages import sft, vision
     from vlm.config import load_config
+    from stages import sft, vision
 
     assert vision.main(["configs/default.yaml", *vision_overrides]) == 0
     overrides = [*vision_overrides, "sft.steps=3", "sft.batch_size=4", "sft.save_steps=3", "sft.eval_steps=0",
@@ -171,8 +170,8 @@ def test_the_default_pipeline_pretrains_vision_right_before_sft():
 
 
 def test_bench_seeds_runs_each_seed_on_the_same_data_and_reports_mean_and_sd(tmp_path, monkeypatch):
+    from vlm import pipeline
     from bench import seeds
-    from stages import pipeline
 
     runs = []
 

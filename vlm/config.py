@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -64,7 +64,7 @@ class VisionConfig:
     """Vision pretraining (`vision:`, stages/vision.py): a CLIP tower built from `model`'s
     dimensions learns the built-in captions' regions before SFT, then SFT builds on it
     (model.vision_model) and keeps it frozen. Real configs name a pretrained CLIP instead."""
-    objective: str = "region_text"  # region_text: each patch token learns its region's caption phrase
+    objective: Literal["region_text"] = "region_text"  # region_text: each patch token learns its region's caption phrase
     steps: int = 500
     batch_size: int = 64
     lr: float = 1.0e-3
@@ -82,7 +82,7 @@ class VisionConfig:
 class DataConfig:
     # "synthetic": the built-in generator writes the dataset into `dir`;
     # "disk": `dir` already holds a dataset in the project's schema (data_prep/README.md).
-    source: str = "synthetic"
+    source: Literal["synthetic", "disk"] = "synthetic"
     dir: str | None = None  # default: <run dir>/data
     synthetic: dict = field(default_factory=dict)  # data_prep.synthetic.SyntheticConfig fields
     train_split: str = "train"
@@ -105,11 +105,11 @@ class DataConfig:
     # What SFT learns from (vlm/data.py training_tasks): auto (whatever the dataset holds:
     # VQA, captions or both) | vqa | captions (a captioner: every train caption, no VQA;
     # the pipeline then skips the stages that need VQA) | both.
-    supervision: str = "auto"
+    supervision: Literal["auto", "vqa", "captions", "both"] = "auto"
     # Co-train on captions (dense supervision; LLaVA's alignment data) when VQA is there too.
     caption_ratio: float = 0.25  # caption examples per VQA question
     max_length: int = 96
-    on_bad_record: str = "skip"  # skip (counted, written to rejects.jsonl) | error
+    on_bad_record: Literal["skip", "error"] = "skip"  # skip (counted, written to rejects.jsonl) | error
     # CLIP features cached by `vqa-rlhf prep features` (data_prep/features.py): used instead of
     # the images when the vision tower is frozen; a cache made by another tower is an error.
     feature_cache: str | None = None
@@ -123,7 +123,7 @@ class LoraConfig:
     dropout: float = 0.05
     # GPT-2's attention and MLP projections; the multimodal projector is trained fully.
     target_modules: list = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
-    quantize_bits: int | None = None  # 4 or 8: QLoRA (bitsandbytes); needs pretrained weights
+    quantize_bits: Literal[4, 8] | None = None  # 4 or 8: QLoRA (bitsandbytes); needs pretrained weights
 
 
 @dataclass
@@ -187,8 +187,8 @@ class InstructConfig(TrainConfig):
 @dataclass
 class RewardTrainConfig(TrainConfig):
     """Reward model training (`rm:`): TrainConfig's fields plus what the labels need."""
-    objective: str = "pointwise"  # pointwise (BCE on correct / incorrect) | pairwise (correct vs incorrect, same question)
-    labels: str | None = None  # an export dir (vqa-rlhf export-labels); default: exported from sample.db
+    objective: Literal["pointwise", "pairwise"] = "pointwise"  # pointwise (BCE on correct / incorrect) | pairwise (correct vs incorrect, same question)
+    labels: str | None = None  # an export dir (vqa-rlhf label export); default: exported from sample.db
     base: str | None = None  # the VLM whose backbone the reward model starts from; default: <run>/sft/final
     heldout_fraction: float = 0.2  # labels held out for evaluation, split by image
     # Fact-augmented reward model (LLaVA-RLHF's Fact-RLHF): it also reads the image's reference facts
@@ -206,7 +206,7 @@ class RewardTrainConfig(TrainConfig):
 @dataclass
 class PPOConfig:
     """RL fine-tuning of the SFT policy against the reward model (`ppo:`), through TRL 1.12."""
-    algo: str = "ppo"  # ppo | grpo | rloo
+    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
     policy: str | None = None  # default: <run>/sft/final
     # What RL maximises (rewards/registry.py): model (the learned reward model) | fact_model (the
     # fact-augmented one, rm.facts) | vqa_accuracy (official VQA accuracy against the record's
@@ -226,7 +226,7 @@ class PPOConfig:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1 | k3
+    kl_estimator: Literal["k1", "k3"] = "k1"
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -261,7 +261,7 @@ class PPOConfig:
 
 @dataclass
 class DecodingConfig:
-    strategy: str = "greedy"  # greedy | sample | beam
+    strategy: Literal["greedy", "sample", "beam"] = "greedy"
     temperature: float = 1.0
     top_p: float = 1.0
     num_beams: int = 3
@@ -310,8 +310,8 @@ class RunConfig:
     output_root: str = "runs"
     seed: int = 0
     stages: list = field(default_factory=lambda: ["prep", "sft", "eval"])
-    # Distributed launch of training stages: none | torchrun | deepspeed
-    launcher: str = "none"
+    # Distributed launch of training stages
+    launcher: Literal["none", "torchrun", "deepspeed"] = "none"
     nproc_per_node: int = 1
     hostfile: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -330,23 +330,27 @@ class RunConfig:
         return Path(self.output_root) / self.name
 
     @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run_dir)
+
+    @property
     def data_dir(self) -> Path:
-        return Path(self.data.dir) if self.data.dir else self.run_dir / "data"
+        return Path(self.data.dir) if self.data.dir else self.paths.data
 
     @property
     def vision_final(self) -> Path:
         """The tower the vision stage trains (a stock CLIPVisionModel dir)."""
-        return self.run_dir / "vision" / "final"
+        return self.paths.vision_final
 
     @property
     def vision_features(self) -> Path:
         """The feature cache the vision stage writes for that tower."""
-        return self.run_dir / "vision" / "features"
+        return self.paths.vision_features
 
     @property
     def sft_final(self) -> Path:
         """The run's SFT model: what later stages start from and evaluate by default."""
-        return self.run_dir / "sft" / "final"
+        return self.paths.final("sft")
 
     @property
     def ppo_policy(self) -> Path:
@@ -356,17 +360,17 @@ class RunConfig:
     @property
     def ppo_reward_model(self) -> Path:
         """The reward model RL trains against: ppo.reward_model, else the run's."""
-        return Path(self.ppo.reward_model) if self.ppo.reward_model else self.run_dir / "rm" / "final"
+        return Path(self.ppo.reward_model) if self.ppo.reward_model else self.paths.final("rm")
 
     @property
     def ppo_fact_model(self) -> Path:
         """The fact-augmented reward model (ppo.reward=fact_model): ppo.fact_model, else the run's."""
-        return Path(self.ppo.fact_model) if self.ppo.fact_model else self.run_dir / "rm-fact" / "final"
+        return Path(self.ppo.fact_model) if self.ppo.fact_model else self.paths.final("rm-fact")
 
     @property
     def rm_dir(self) -> Path:
         """Where the rm stage trains: <run>/rm, or <run>/rm-fact for the fact-augmented model."""
-        return self.run_dir / ("rm-fact" if self.rm.facts else "rm")
+        return self.paths.stage_dir("rm-fact" if self.rm.facts else "rm")
 
     @property
     def ppo_prompt_split(self) -> str:
@@ -379,7 +383,60 @@ class RunConfig:
     @property
     def labels_db(self) -> Path:
         """The label store: candidate answers and their labels (rewards/label_store.py)."""
-        return Path(self.sample.db) if self.sample.db else self.run_dir / "labels" / "labels.db"
+        return Path(self.sample.db) if self.sample.db else self.paths.labels_db
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """A run directory's layout, named once: every stage writes and reads its own and other
+    stages' outputs through these names (the report reads a run dir with no config)."""
+    root: Path
+
+    def stage_dir(self, stage: str) -> Path:
+        """<run>/<stage>: a stage's checkpoints, final model, metrics.json and done.json."""
+        return self.root / stage
+
+    def final(self, stage: str) -> Path:
+        """The model a training stage saves (stock-loadable, with its processor)."""
+        return self.stage_dir(stage) / "final"
+
+    def metrics(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "metrics.json"
+
+    def done_marker(self, stage: str) -> Path:
+        """Written by the pipeline when a stage finished, with the config it finished with."""
+        return self.stage_dir(stage) / "done.json"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def vision_final(self) -> Path:
+        return self.final("vision")
+
+    @property
+    def vision_features(self) -> Path:
+        return self.stage_dir("vision") / "features"
+
+    @property
+    def labels_db(self) -> Path:
+        return self.root / "labels" / "labels.db"
+
+    @property
+    def eval_root(self) -> Path:
+        return self.root / "eval"
+
+    def eval_dir(self, tag: str) -> Path:
+        """<run>/eval/<tag>: one evaluation (sft, ppo, instruct, captions, retrieval, ...)."""
+        return self.eval_root / tag
+
+    def eval_metrics(self, tag: str) -> Path:
+        return self.eval_dir(tag) / "metrics.json"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -393,9 +450,20 @@ def _unknown_key(key: str, where: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{where}{key}'{hint}")
 
 
+def _choice(value: Any, allowed: tuple, key: str) -> Any:
+    """A choice field (typed Literal[...], maybe | None): the value must be one of its options."""
+    options = [option for kind in allowed if typing.get_origin(kind) is Literal for option in typing.get_args(kind)]
+    options += [None] if type(None) in allowed else []
+    if any(value == option and type(value) is type(option) for option in options):
+        return value
+    raise ConfigError(f"config key '{key}' is {value!r}; allowed: {sorted(map(str, options))}")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """YAML reads `3e-4` as a string and `1` where a float is meant: convert by the field's type."""
     allowed = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    if any(typing.get_origin(kind) is Literal for kind in allowed):
+        return _choice(value, allowed, key)
     if value is None:
         if type(None) in allowed:
             return None
@@ -476,7 +544,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
     _expand_run_dir(config, config.run_dir)
-    _check_choices(config)
+    _check_stages(config)
     return config
 
 
@@ -494,80 +562,56 @@ def _expand_run_dir(section, run_dir: Path) -> None:
             setattr(section, f.name, value.replace(RUN_DIR, str(run_dir)))
 
 
-def _check_choices(config: RunConfig) -> None:
-    choices = {
-        "data.source": (config.data.source, {"synthetic", "disk"}),
-        "data.on_bad_record": (config.data.on_bad_record, {"skip", "error"}),
-        "data.supervision": (config.data.supervision, {"auto", "vqa", "captions", "both"}),
-        "eval.decoding.strategy": (config.eval.decoding.strategy, {"greedy", "sample", "beam"}),
-        "launcher": (config.launcher, {"none", "torchrun", "deepspeed"}),
-        "sft.lora.quantize_bits": (config.sft.lora.quantize_bits, {None, 4, 8}),
-        "rm.objective": (config.rm.objective, {"pointwise", "pairwise"}),
-        "vision.objective": (config.vision.objective, {"region_text"}),
-        "ppo.algo": (config.ppo.algo, {"ppo", "grpo", "rloo"}),
-        "ppo.kl_estimator": (config.ppo.kl_estimator, {"k1", "k3"}),
-        "instruct.lora.quantize_bits": (config.instruct.lora.quantize_bits, {None, 4, 8}),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' is {value!r}; allowed: {sorted(map(str, allowed))}")
-    _check_reward(config.ppo)
+def _check_stages(config: RunConfig) -> None:
     unknown_stages = [s for s in config.stages if s not in STAGES]
     if unknown_stages:
         raise ConfigError(f"unknown stage(s) {unknown_stages}; stages are {list(STAGES)}")
 
 
-def _check_reward(ppo: PPOConfig) -> None:
-    from rewards.registry import REWARDS, reward_names  # names only: no model is loaded here
-
-    try:
-        names = reward_names(ppo.reward)
-    except ValueError as exc:
-        raise ConfigError(f"config key 'ppo.reward': {exc}") from None
-    for name in names:
-        if name not in REWARDS:
-            close = difflib.get_close_matches(name, list(REWARDS), n=2, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"config key 'ppo.reward' names unknown reward {name!r}{hint} "
-                              f"(rewards: {', '.join(REWARDS)}; mix with '+')")
-    for name, weight in ppo.reward_weights.items():
-        if name not in names:
-            raise ConfigError(f"config key 'ppo.reward_weights.{name}': {name!r} is not in ppo.reward={ppo.reward!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"config key 'ppo.reward_weights.{name}' must be a number, got {weight!r}")
-
-
 @dataclass(frozen=True)
 class Stage:
-    """A pipeline step: `python -m <module> CONFIG [key=value ...]`, each in its own process."""
+    """A pipeline step: `python -m <module> CONFIG [key=value ...]`, each in its own process.
+    The pipeline, the config check, the CLI (`vqa-rlhf <name>`) and the report read this."""
     module: str
+    summary: str  # one line for `vqa-rlhf --help`
     # A training stage: started under torchrun / the DeepSpeed launcher when `launcher` says so.
     distributed: bool = False
     # What the stage needs of the data, else the pipeline skips it saying why: "vqa" (it asks the
     # SFT model VQA questions or learns from its answers; not when SFT trains on captions alone),
     # "captions" (it scores captions: not without a captions split), or None.
-    needs: str | None = None
+    needs: Literal["vqa", "captions"] | None = None
+    # Keys of <run>/<stage>/metrics.json the run report shows (vlm/report.py; a stage with a
+    # richer entry has its own reader there).
+    report: tuple[str, ...] = ()
 
 
 # The pipeline's stages in the order they run. A new stage is its module plus one line here.
 STAGES = {
-    "prep": Stage("stages.prep"),
-    "vision": Stage("stages.vision"),
-    "sft": Stage("stages.sft", distributed=True),
-    "sample": Stage("stages.sample", needs="vqa"),
-    "autolabel": Stage("stages.autolabel", needs="vqa"),
-    "rm": Stage("stages.rm", distributed=True, needs="vqa"),
-    "ppo": Stage("stages.ppo", distributed=True, needs="vqa"),
-    "instruct": Stage("stages.instruct", distributed=True, needs="vqa"),
-    "eval": Stage("stages.evaluate", needs="vqa"),
-    "caption_eval": Stage("stages.caption_eval", needs="captions"),
-    "retrieval_eval": Stage("stages.retrieval_eval", needs="captions"),
+    "prep": Stage("stages.prep", "write the dataset a config trains on (built-in synthetic or converted)"),
+    "vision": Stage("stages.vision", "vision pretraining: the built-in run's own CLIP tower (region-text), before SFT",
+                    report=("objective", "steps", "seconds", "probe", "probe_untrained", "probe_split", "checkpoint")),
+    "sft": Stage("stages.sft", "stage 1: answer-only supervised fine-tuning on VQA", distributed=True),
+    # right after SFT: later stages that compare with the SFT model reuse this evaluation
+    "eval": Stage("stages.evaluate", "answer a split and score it with the official VQA metric", needs="vqa"),
+    "sample": Stage("stages.sample", "K sampled + the greedy answer per question into the label store, for labeling",
+                    needs="vqa"),
+    "autolabel": Stage("stages.autolabel", "label samples with ground truth by official VQA accuracy, as labeler auto",
+                       needs="vqa"),
+    "rm": Stage("stages.rm", "train the multimodal reward model on exported labels, with baselines",
+                distributed=True, needs="vqa"),
+    "ppo": Stage("stages.ppo", "PPO / GRPO / RLOO of the SFT policy against a reward, images in every forward",
+                 distributed=True, needs="vqa"),
+    "instruct": Stage("stages.instruct", "stage 3: LLaVA instruction tuning on conversations, loss on assistant turns",
+                      distributed=True, needs="vqa", report=(
+                          "vqa_accuracy_before", "vqa_accuracy_after", "description_precision",
+                          "description_recall", "seconds")),
+    "caption_eval": Stage("stages.caption_eval", "caption a split's images: BLEU-1..4, CIDEr-D (pure Python), perplexity",
+                          needs="captions"),
+    "retrieval_eval": Stage("stages.retrieval_eval",
+                            "CLIP-GPT caption -> image retrieval: recall@1/5/10 (model.clip_head)", needs="captions"),
 }
 
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
-
-def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -7,14 +7,18 @@ again by re-tokenizing and searching, so the answer mask cannot drift.
 from __future__ import annotations
 
 import json
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 from urllib.parse import unquote
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from vlm.image_input import PIXELS, input_kind_of
 
 IGNORE_INDEX = -100
 
@@ -99,8 +103,6 @@ def check_image_path(relative_path: str) -> str:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB: transparency onto white, 16-bit integer images scaled to 8 bits."""
-    import numpy as np
-
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # convert("RGB") would clip 16-bit values at 255 (a white image): scale 0..65535 to 0..255.
         values = np.asarray(image).astype(np.int64).clip(0, 65535)
@@ -116,8 +118,6 @@ def load_rgb(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """An image as RGB, or a clear error naming the file: 'image not found', 'image empty',
     'image too large' (more than max_pixels: a decompression bomb is refused before it is
     decoded) or 'image unreadable' (corrupt, truncated, unknown format)."""
-    import warnings
-
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -143,10 +143,10 @@ class ImageCache:
 
     The built-in dataset (7,000 small images) is decoded once; a VQA v2-sized one (tens of
     thousands of 224-px images, 600 KB each as float32) would not fit, so old entries go.
-    `vlm.features.FeatureStore` stands in for it when the vision tower is frozen;
-    `input_name` is the batch key each one fills."""
+    `vlm.features.FeatureStore` stands in for it when the vision tower is frozen; `kind`
+    says which of the two a source is (vlm.features.ImageInputKind)."""
 
-    input_name = "pixel_values"
+    kind = PIXELS
 
     def __init__(self, image_processor, root: Path, max_items: int = 20_000):
         self.image_processor = image_processor
@@ -246,8 +246,22 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
-            self.images.input_name: self.images(image) if image is not None else None,
+            self.images.kind.key: self.images(image) if image is not None else None,
         }
+
+
+def pad(rows: list[list[int]], value: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, longest row] of ids filled out with `value` on the right (training, scoring) or on the
+    left (prompts to generate from: every row's answer then starts at the same column), and the
+    attention mask. GPT-2 pads with EOS, so the mask, never the id, says where a row's tokens are."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        columns = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, columns] = torch.tensor(row, dtype=torch.long)
+        mask[i, columns] = 1
+    return ids, mask
 
 
 @dataclass
@@ -262,16 +276,9 @@ class VLMCollator:
     pad_token_id: int
 
     def __call__(self, batch: list[dict]) -> dict:
-        image_key = "pixel_values" if "pixel_values" in batch[0] else "image_features"
-        width = max(len(item["input_ids"]) for item in batch)
-        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            n = len(item["input_ids"])
-            input_ids[row, :n] = torch.tensor(item["input_ids"])
-            labels[row, :n] = torch.tensor(item["labels"])
-            attention_mask[row, :n] = 1
+        image_key = input_kind_of(batch[0]).key
+        input_ids, attention_mask = pad([item["input_ids"] for item in batch], self.pad_token_id)
+        labels, _ = pad([item["labels"] for item in batch], IGNORE_INDEX)
         out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

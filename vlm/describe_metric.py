@@ -5,7 +5,7 @@ A description is read as the generator writes captions ("at the top left a red c
 the middle a blue square and on the right a green triangle."): it is cut into clauses at
 commas, "and" and full stops; each clause that names a colour or a shape is one object
 mentioned, at the cell of the longest location phrase in it (the generator's own phrases,
-data_prep.synthetic.location_phrase, so the parser is the caption writer's inverse).
+vlm.scene.location_phrase, so the parser is the caption writer's inverse).
 
 Scores, micro-averaged over images, in percent:
   objects    an object mentioned is right when colour, shape and cell all match a ground-truth
@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from data_prep.synthetic import COLOURS, SHAPES, location_phrase
+from vlm.scene import COLOURS, SHAPES, location_phrase
 
 ATTRIBUTES = ("objects", "colour_shape", "colours", "shapes", "cells")
 
@@ -104,13 +104,3 @@ class DescriptionScore:
                 "recall": percent(self.right[attribute], self.present[attribute]),
             }
         return out
-
-
-def score_descriptions(descriptions: list[str], scenes: list[list[dict]], grid: int = 3) -> dict:
-    """Percent precision / recall of what `descriptions` say about `scenes` (same order)."""
-    if len(descriptions) != len(scenes):
-        raise ValueError(f"{len(descriptions)} descriptions for {len(scenes)} scenes")
-    score = DescriptionScore()
-    for text, objects in zip(descriptions, scenes):
-        score.add(parse_description(text, grid), objects)
-    return score.result()

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlm.data import ImageCache
+from vlm.image_input import FEATURES, llava_of
+
 FORMAT_VERSION = 1
-IMAGE_FEATURES = "image_features"  # batch key of cached features; pixels travel as "pixel_values"
 
 # What decides the features besides the weights. Names, versions and paths do not.
 _VISION_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
@@ -32,20 +34,6 @@ class FeatureCacheMismatch(ValueError):
     """A feature cache made by another vision tower, processor or feature layer (`details`: what differs)."""
 
     details = ""
-
-
-def llava_of(model):
-    """The LlavaForConditionalGeneration inside DeepSpeed / PEFT wrappers."""
-    model = getattr(model, "module", model)  # DeepSpeed engine, DDP
-    if hasattr(model, "get_base_model"):  # PEFT: its wrapped modules stay in the base model's tree
-        model = model.get_base_model()
-    return model
-
-
-def vision_features(vision_tower, pixel_values: torch.Tensor, feature_layer: int) -> torch.Tensor:
-    """[batch, 1 + patches, width]: what Llava's projector consumes (strategy "full")."""
-    outputs = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    return outputs.hidden_states[feature_layer]
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -73,28 +61,12 @@ def model_signature(model, processor) -> dict:
     return signature(llava.model.vision_tower, processor.image_processor, llava.config.vision_feature_layer)
 
 
-def image_inputs(model, images: torch.Tensor, input_name: str) -> dict:
-    """Forward / generate keyword arguments for a batch of pixels or of cached features.
-
-    Cached features go through the (trainable) projector here and enter the stock model
-    as pre-encoded image outputs, which Llava merges at the `<image>` positions exactly
-    as it merges its own."""
-    if input_name == "pixel_values":
-        return {"pixel_values": images}
-    if input_name != IMAGE_FEATURES:
-        raise ValueError(f"unknown image input {input_name!r}")
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    projected = llava_of(model).model.multi_modal_projector(images)
-    return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(projected))}}
-
-
 class FeatureStore:
     """A finished cache, read through a memory map: `store(image_path)` -> [seq, width] float32.
 
-    It stands in for vlm.data.ImageCache; `input_name` tells batches which key they carry."""
+    It stands in for vlm.data.ImageCache (pixels) when the vision tower is frozen."""
 
-    input_name = IMAGE_FEATURES
+    kind = FEATURES
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -145,8 +117,6 @@ def open_for_model(path: str | Path, model, processor, what: str) -> FeatureStor
 def image_source(feature_cache: str | None, data_dir, processor, model, vision_frozen: bool, what: str):
     """Where a stage's batches get their images: the feature cache when one is configured and
     the vision tower is frozen (checked against `model`), else pixels decoded from `data_dir`."""
-    from vlm.data import ImageCache
-
     if feature_cache and vision_frozen:
         return open_for_model(feature_cache, model, processor, what)
     if feature_cache:

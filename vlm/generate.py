@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from vlm.config import DecodingConfig
-from vlm.data import encode_example
-from vlm.features import image_inputs
+from vlm.data import encode_example, pad, vqa_prompt
+from vlm.image_input import PIXELS, ImageInputKind
 
 
 def decoding_kwargs(decoding: DecodingConfig) -> dict:
@@ -33,29 +34,25 @@ def generate(
     decoding: DecodingConfig,
     max_length: int,
     num_return_sequences: int = 1,
-    image_input_name: str = "pixel_values",
+    image_kind: ImageInputKind = PIXELS,
     streamer=None,
 ) -> list[str]:
     """Answers for a batch of prompts (one image each); `num_return_sequences` per prompt.
 
-    `pixel_values` holds cached vision features instead of pixels when `image_input_name`
-    is "image_features" (vlm/features.py). `pixel_values` None: text-only prompts (no `<image>`).
+    `pixel_values` holds cached vision features instead of pixels when `image_kind` is
+    vlm.features.FEATURES. `pixel_values` None: text-only prompts (no `<image>`).
     `streamer` (transformers TextStreamer, one prompt) gets the tokens as they are generated."""
     image_seq_length = model.config.image_seq_length
     rows = [encode_example(tokenizer, p, None, image_seq_length, max_length).input_ids for p in prompts]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        attention_mask[i, width - len(row):] = 1
+    input_ids, attention_mask = pad(rows, tokenizer.pad_token_id, side="left")
+    width = input_ids.shape[1]
     device = next(model.parameters()).device
     image_token_id = model.config.image_token_index
     output = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         **({} if pixel_values is None else
-           image_inputs(model, pixel_values.to(device, dtype=next(model.parameters()).dtype), image_input_name)),
+           image_kind.model_inputs(model, pixel_values.to(device, dtype=next(model.parameters()).dtype))),
         max_new_tokens=min(decoding.max_new_tokens, max_length - width),
         num_return_sequences=num_return_sequences,
         suppress_tokens=[image_token_id],
@@ -73,10 +70,6 @@ def generate(
 def answer_questions(model, processor, records, images, prompt_template: str, decoding: DecodingConfig,
                      batch_size: int, max_length: int, progress: bool = False) -> list[str]:
     """Greedy (or configured) answers for VQA records, in record order."""
-    from tqdm.auto import tqdm
-
-    from vlm.data import vqa_prompt
-
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -86,6 +79,6 @@ def answer_questions(model, processor, records, images, prompt_template: str, de
         pixel_values = torch.stack([images(r["image"]) for r in batch])
         prompts = [vqa_prompt(prompt_template, r["question"]) for r in batch]
         answers.extend(generate(model, processor.tokenizer, prompts, pixel_values, decoding, max_length,
-                                image_input_name=images.input_name))
+                                image_kind=images.kind))
     model.train(was_training)
     return answers

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoProcessor,
+    AutoTokenizer,
     CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -27,12 +29,11 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
-    AutoTokenizer,
 )
 
+from vlm import projectors  # registers the non-default projector types with transformers' Auto classes
 from vlm.config import ModelConfig
 from vlm.vision import clip_image_processor
-from vlm import projectors  # registers the non-default projector types with transformers' Auto classes
 
 IMAGE_TOKEN = "<image>"
 EOS_TOKEN = "<|endoftext|>"
@@ -56,8 +57,6 @@ CHAT_TEMPLATE = (
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> GPT2TokenizerFast:
     """Byte-level BPE (GPT-2's scheme) trained on the built-in corpus, with `<image>` added."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()

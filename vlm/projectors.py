@@ -35,6 +35,9 @@ decorated with `@register("name")`; nothing else changes.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -293,8 +296,5 @@ def finish_new_model(model) -> None:
 
 def class_for_saved(path) -> type:
     """The model class of a saved model dir, by its config.json's model_type."""
-    import json
-    from pathlib import Path
-
     model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
     return VLMForConditionalGeneration if model_type == VLMConfig.model_type else LlavaForConditionalGeneration

@@ -23,9 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from vlm.data import IGNORE_INDEX, VLMCollator
-from vlm.features import IMAGE_FEATURES, llava_of, vision_features
+from vlm.data import IGNORE_INDEX, VLMCollator, pad
+from vlm.image_input import PIXELS, ImageInputKind, input_kind_of, llava_of
 
 EMBED_TOKEN = "<clip>"
 
@@ -56,18 +57,6 @@ class EmbeddingHead(nn.Module):
         return self.proj(hidden)
 
 
-def add_embedding_token(processor, model) -> int:
-    """Adds `<clip>` to the tokenizer and a row for it to GPT-2's embeddings (and lm_head); its id."""
-    tokenizer = processor.tokenizer
-    if EMBED_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [EMBED_TOKEN]},
-                                     replace_extra_special_tokens=False)
-    token_id = tokenizer.convert_tokens_to_ids(EMBED_TOKEN)
-    if token_id >= model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    return token_id
-
-
 def embedding_head(model) -> EmbeddingHead | None:
     """The model's `embedding_head` (model.clip_head), None when it has none."""
     return getattr(llava_of(model), "embedding_head", None)
@@ -89,12 +78,7 @@ def caption_inputs(tokenizer, captions: list[str], embed_token_id: int) -> dict[
 
 
 def pad_embedding_rows(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention_mask[i, :len(row)] = 1
+    input_ids, attention_mask = pad(rows, pad_token_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "positions": torch.tensor([len(r) - 1 for r in rows])}
 
@@ -106,15 +90,6 @@ def predict_embeddings(model, head: EmbeddingHead, inputs: dict[str, torch.Tenso
     hidden = language_model(input_ids=inputs["input_ids"].to(device),
                             attention_mask=inputs["attention_mask"].to(device)).last_hidden_state
     return head(hidden[torch.arange(hidden.shape[0], device=device), inputs["positions"].to(device)])
-
-
-def clip_gpt_loss(model, head: EmbeddingHead, caption_batch: dict, embed_inputs: dict, targets: torch.Tensor,
-                  mse_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(CE + mse_weight * MSE, CE, MSE): image -> caption (answer-only CE on a VLMCollator batch)
-    and caption -> embedding (MSE against the images' pooled CLIP embeddings)."""
-    ce = model(**caption_batch).loss
-    mse = F.mse_loss(predict_embeddings(model, head, embed_inputs), targets)
-    return ce + mse_weight * mse, ce, mse
 
 
 @torch.no_grad()
@@ -161,7 +136,7 @@ class EmbeddingCollator(VLMCollator):
 
     def __call__(self, batch: list[dict]) -> dict:
         out = super().__call__(batch)
-        image_key = "pixel_values" if "pixel_values" in batch[0] else IMAGE_FEATURES
+        image_key = input_kind_of(batch[0]).key
         image_rows, rows, image_row = [], [], 0
         for item in batch:
             has_image = item.get(image_key) is not None
@@ -185,19 +160,9 @@ def pop_embedding_inputs(inputs: dict) -> dict | None:
     return {key: inputs.pop(key) for key in EMBED_KEYS}
 
 
-def pooled_image_embeddings(model, images: torch.Tensor, input_name: str) -> torch.Tensor:
-    """[batch, vision width]: the CLS row at `vision_feature_layer`, i.e. row 0 of what the
-    feature cache stores, from cached features or from pixels through the vision tower."""
-    if input_name == IMAGE_FEATURES:
-        return images[:, 0]
-    llava = llava_of(model)
-    with torch.no_grad():  # a target, not a path for gradients
-        return vision_features(llava.model.vision_tower, images, llava.config.vision_feature_layer)[:, 0]
-
-
-def embedding_loss(model, embed_inputs: dict, images: torch.Tensor, input_name: str) -> torch.Tensor:
+def embedding_loss(model, embed_inputs: dict, images: torch.Tensor, kind: ImageInputKind) -> torch.Tensor:
     """MSE between the head's prediction at each `<clip>` and its image's pooled CLIP embedding."""
-    targets = pooled_image_embeddings(model, images[embed_inputs["embed_image_rows"]], input_name)
+    targets = kind.pooled(model, images[embed_inputs["embed_image_rows"]])
     predicted = predict_embeddings(model, embedding_head(model), {
         "input_ids": embed_inputs["embed_input_ids"], "attention_mask": embed_inputs["embed_attention_mask"],
         "positions": embed_inputs["embed_positions"]})
@@ -209,14 +174,12 @@ class TowerEmbeddings:
     computed once through the vision tower in batches. `store(image)` -> [1, width]."""
 
     def __init__(self, model, image_cache, images: list[str], batch_size: int = 64):
-        from tqdm.auto import tqdm
-
         self.rows: dict[str, torch.Tensor] = {}
         device = next(model.parameters()).device
         for start in tqdm(range(0, len(images), batch_size), desc="image index", unit="batch"):
             batch = images[start:start + batch_size]
             pixels = torch.stack([image_cache(image) for image in batch]).to(device)
-            pooled = pooled_image_embeddings(model, pixels, "pixel_values").float().cpu()
+            pooled = PIXELS.pooled(model, pixels).float().cpu()
             self.rows.update({image: row[None] for image, row in zip(batch, pooled)})
 
     def __call__(self, image: str) -> torch.Tensor:

@@ -7,16 +7,20 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers import BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from vlm.config import TrainConfig
-from vlm.features import IMAGE_FEATURES, image_inputs
+from vlm.data import VLMCollator
 from vlm.files import writing
+from vlm.image_input import input_kind_of, llava_of
+from vlm.retrieval import EmbeddingCollator, embedding_head, embedding_loss, pop_embedding_inputs
 
 _USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
 
@@ -60,8 +64,6 @@ def frozen_blocks(model: torch.nn.Module, config: TrainConfig) -> set[int]:
 
 
 def llava_text_config(model):
-    from vlm.features import llava_of
-
     return llava_of(model).config.text_config
 
 
@@ -130,13 +132,9 @@ class TimeLimit(TrainerCallback):
         self.started: float | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        import time
-
         self.started = self.started or time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        import time
-
         if time.perf_counter() - self.started >= self.seconds:
             control.should_training_stop = True
             if is_main_process():
@@ -232,7 +230,8 @@ def apply_lora(model, config: TrainConfig, task_type: str | None = "CAUSAL_LM", 
 
     The vision tower is frozen under LoRA unless explicitly trained (freeze_vision=false
     keeps it trainable as a whole module)."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     lora = config.lora
     if lora.quantize_bits:
@@ -257,7 +256,6 @@ def apply_lora(model, config: TrainConfig, task_type: str | None = "CAUSAL_LM", 
 def quantization_config(bits: int | None):
     if not bits:
         return None
-    from transformers import BitsAndBytesConfig
 
     # transformers 5 matches these from the start of a module's full name (or as its
     # suffix), so the parts are named by their full paths: a bare "vision_tower" matched
@@ -283,19 +281,17 @@ class VLMTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from vlm.retrieval import embedding_loss, pop_embedding_inputs
-
         inputs = dict(inputs)
         embed_inputs = pop_embedding_inputs(inputs)  # caption -> CLIP embedding rows (EmbeddingCollator)
-        image_key = IMAGE_FEATURES if IMAGE_FEATURES in inputs else "pixel_values"
-        images = inputs.get(image_key)
-        if IMAGE_FEATURES in inputs:  # cached vision features: projected here, merged by Llava
-            inputs.update(image_inputs(model, inputs.pop(IMAGE_FEATURES), IMAGE_FEATURES))
+        kind = input_kind_of(inputs)
+        images = inputs.get(kind.key)
+        if kind.cached:  # cached vision features: projected here, merged by Llava
+            inputs.update(kind.model_inputs(model, inputs.pop(kind.key)))
         out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                    num_items_in_batch=num_items_in_batch)
         if embed_inputs is None or not self.embedding_loss_weight:
             return out
-        mse = embedding_loss(model, embed_inputs, images, image_key)
+        mse = embedding_loss(model, embed_inputs, images, kind)
         self._embedding_mse.append(mse.item())
         extra = self.embedding_loss_weight * mse
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -337,9 +333,6 @@ class VLMTrainer(Trainer):
         model): the stock Trainer skips the batches already trained on and then takes one step more
         before it checks max_steps, so the resumed run would end one step past an uninterrupted one.
         From such a checkpoint the weights and the trainer state are loaded and nothing is trained."""
-        from transformers.trainer_callback import TrainerState
-        from transformers.trainer_utils import TrainOutput
-
         state_file = Path(resume_from_checkpoint or "") / "trainer_state.json"
         if not (resume_from_checkpoint and state_file.is_file()) or self.is_deepspeed_enabled \
                 or self.is_fsdp_enabled:
@@ -413,7 +406,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, seed: int, **overr
         bf16=config.bf16,
         use_cpu=not use_cuda,
         deepspeed=config.deepspeed,
-        report_to=["tensorboard"],
+        report_to=tensorboard_logging(output_dir),
         remove_unused_columns=False,
         dataloader_num_workers=config.num_workers,
         disable_tqdm=False,
@@ -421,11 +414,18 @@ def training_arguments(config: TrainConfig, output_dir: Path, seed: int, **overr
     if config.gradient_checkpointing:
         kwargs["activation_checkpointing"] = True
     kwargs.update(overrides)
-    # transformers 5 takes the TensorBoard dir from the environment only. A dir the user set
-    # wins; otherwise each run logs next to its own output (a setdefault would send every later
-    # run in the same process to the first run's dir).
-    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(output_dir).parent / "tensorboard")
     return TrainingArguments(**kwargs)
+
+
+def tensorboard_logging(output_dir: Path) -> list[str]:
+    """`report_to` of every trainer here (SFT, instruct, rm, PPO, GRPO / RLOO): TensorBoard logs
+    in <stage dir>/tensorboard, beside the checkpoints dir `output_dir`.
+
+    transformers 5 takes the TensorBoard dir from the environment only. A dir the user set
+    wins; otherwise each run logs next to its own output (a setdefault would send every later
+    run in the same process to the first run's dir)."""
+    os.environ["TENSORBOARD_LOGGING_DIR"] = _USER_TENSORBOARD_DIR or str(Path(output_dir).parent / "tensorboard")
+    return ["tensorboard"]
 
 
 def last_complete_checkpoint(output_dir: Path) -> str | None:
@@ -465,8 +465,6 @@ def save_final(model, processor, out_dir: Path, run_config: dict) -> Path:
 
     LoRA adapters are merged so the result is a plain Llava model that stock
     transformers loads; under QLoRA the adapter is merged into a full-precision copy."""
-    import shutil
-
     out_dir = Path(out_dir)
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)  # what a kill left of an earlier save
@@ -489,9 +487,11 @@ def merge_adapter(model):
     """A plain (unquantized) model with the LoRA weights folded in."""
     base = model.get_base_model()
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        from peft import PeftModel
-        from vlm.projectors import class_for_saved
         import tempfile
+
+        from peft import PeftModel
+
+        from vlm.projectors import class_for_saved
 
         with tempfile.TemporaryDirectory() as adapter_dir:
             model.save_pretrained(adapter_dir)
@@ -534,9 +534,6 @@ def prepare_for_training(model, processor, config: TrainConfig, base_dir: Path |
 def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path, seed: int,
                   callbacks=()) -> VLMTrainer:
     """The HF Trainer of a stage: checkpoints in <work_dir>/checkpoints, per-part learning rates."""
-    from vlm.data import VLMCollator
-    from vlm.retrieval import EmbeddingCollator, embedding_head
-
     if schedule_phases(config):
         callbacks = [UnfreezeSchedule(model, config), *callbacks]
     if not any(isinstance(c, TrainingClock) for c in callbacks):

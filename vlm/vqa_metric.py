@@ -546,14 +546,8 @@ def read_official_pair(results_json: str | os.PathLike, annotations_json: str | 
 
     predictions: dict[QuestionId, str] = {}
     for number, result in enumerate(_object_list(_load_json(results_path), None, results_path), 1):
-        qid, where = _official_record_id(result, f"{results_path}: record {number}")
-        if qid not in annotated:
-            raise ValueError(f"{where}: field 'question_id': not in {annotations_path}")
-        if qid in predictions:
-            raise ValueError(f"{where}: field 'question_id': duplicate question_id {qid!r}")
-        if not isinstance(result.get("answer"), str):
-            raise ValueError(f"{where}: field 'answer': expected a string, "
-                             f"got {_describe(result.get('answer'))}")
+        qid, where = _checked_result(result, f"{results_path}: record {number}", annotated, annotations_path,
+                                     predictions)
         if multiple_choice and result["answer"] not in questions[qid].get("multiple_choices", ()):
             raise ValueError(f"{where}: field 'answer': {result['answer']!r} is not one of the "
                              f"question's multiple_choices")
@@ -566,6 +560,19 @@ def read_official_pair(results_json: str | os.PathLike, annotations_json: str | 
                          f"annotated questions (question_id {sample}{', ...' if len(missing) > 5 else ''}); "
                          f"the official evaluation needs exactly one result per annotated question")
     return [dict(record, prediction=predictions[qid]) for qid, record in annotated.items()]
+
+
+def _checked_result(result, where: str, known, known_name: str, seen) -> tuple[QuestionId, str]:
+    """A results record's question id (and where it is, for messages): one of `known`, not already
+    in `seen`, with a string answer; else a ValueError naming the record and the field."""
+    qid, where = _official_record_id(result, where)
+    if qid not in known:
+        raise ValueError(f"{where}: field 'question_id': not in {known_name}")
+    if qid in seen:
+        raise ValueError(f"{where}: field 'question_id': duplicate question_id {qid!r}")
+    if not isinstance(result.get("answer"), str):
+        raise ValueError(f"{where}: field 'answer': expected a string, got {_describe(result.get('answer'))}")
+    return qid, where
 
 
 def read_question_ids(questions_json: str | os.PathLike) -> list[QuestionId]:
@@ -591,13 +598,7 @@ def check_results(results: Any, question_ids: Iterable[QuestionId], results_name
     expected = set(question_ids)
     seen: set = set()
     for number, result in enumerate(_object_list(results, None, results_name), 1):
-        qid, where = _official_record_id(result, f"{results_name}: record {number}")
-        if qid not in expected:
-            raise ValueError(f"{where}: field 'question_id': not in {questions_name}")
-        if qid in seen:
-            raise ValueError(f"{where}: field 'question_id': duplicate question_id {qid!r}")
-        if not isinstance(result.get("answer"), str):
-            raise ValueError(f"{where}: field 'answer': expected a string, got {_describe(result.get('answer'))}")
+        qid, _ = _checked_result(result, f"{results_name}: record {number}", expected, questions_name, seen)
         seen.add(qid)
     missing = [qid for qid in question_ids if qid not in seen]
     if missing:

@@ -20,11 +20,13 @@ import torch
 
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_rgb, load_split, reference_of
+from vlm.files import write_json
+from vlm.image_input import llava_of
 from vlm.model import load_model
-from vlm.train import save_final
+from vlm.train import last_complete_checkpoint, save_final, tensorboard_logging
 from vlm.vqa_metric import vqa_accuracy
 from rewards.base import Reward, RewardContext, build_reward, inputs_from_references
-from stages.common import write_json
+from rewards.reward_model import position_ids_from_mask
 
 
 class RewardFunction:
@@ -56,9 +58,6 @@ def positions_from_the_mask(model) -> None:
     log-probs of padded rows were those of inputs the policy never sampled from, and the
     KL estimate of a row grew with its padding (the spikes of 20-887 seen with GPT-2). The
     hook fills in mask-derived positions where none are given (generation gives its own)."""
-    from rewards.reward_model import position_ids_from_mask
-    from vlm.features import llava_of
-
     def with_positions(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if kwargs.get("position_ids") is None and mask is not None and mask.dim() == 2:
@@ -89,27 +88,21 @@ def prompt_dataset(config: RunConfig):
     return Dataset.from_list(rows)
 
 
-def train(config: RunConfig, work_dir: Path | None = None) -> dict:
+def group_trainer(config: RunConfig, policy, processor, reward: Reward, work_dir: Path):
+    """trl 1.12's GRPOTrainer or RLOOTrainer (ppo.algo) for the policy, with the stage's reward."""
     ppo = config.ppo
-    work_dir = Path(work_dir or config.run_dir / "ppo")
-    work_dir.mkdir(parents=True, exist_ok=True)
-    policy_dir = config.ppo_policy
-    policy, processor = load_model(policy_dir)
-    processor.tokenizer.padding_side = "left"  # trl pads prompts on the left for generation
-    pixels = ImageCache(processor.image_processor, config.data_dir)  # trl's trainers read pixels
-    try:
-        reward = build_reward(config, RewardContext(processor, lambda model: pixels, config.data_dir))
-    except FileNotFoundError as exc:
-        raise SystemExit(f"error: {exc}") from None
     if ppo.algo == "grpo":
-        from trl import GRPOConfig as AlgoConfig, GRPOTrainer as AlgoTrainer
+        from trl import GRPOConfig as AlgoConfig
+        from trl import GRPOTrainer as AlgoTrainer
     else:
-        from trl import RLOOConfig as AlgoConfig, RLOOTrainer as AlgoTrainer
+        from trl import RLOOConfig as AlgoConfig
+        from trl import RLOOTrainer as AlgoTrainer
     common = dict(
         output_dir=str(work_dir / "checkpoints"), per_device_train_batch_size=ppo.batch_size,
         num_generations=ppo.num_generations, max_completion_length=ppo.max_new_tokens, learning_rate=ppo.lr,
         max_steps=ppo.steps, beta=ppo.kl_coef, temperature=ppo.temperature, logging_steps=1,
-        save_steps=ppo.save_steps or ppo.steps, report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
+        save_steps=ppo.save_steps or ppo.steps, report_to=tensorboard_logging(work_dir / "checkpoints"),
+        use_cpu=not torch.cuda.is_available(), bf16=False,
         seed=config.seed, deepspeed=ppo.deepspeed, max_grad_norm=ppo.max_grad_norm, remove_unused_columns=False,
         generation_kwargs={"suppress_tokens": [policy.config.image_token_index]}, num_iterations=ppo.ppo_epochs,
     )
@@ -120,15 +113,28 @@ def train(config: RunConfig, work_dir: Path | None = None) -> dict:
         peft_config = LoraConfig(r=ppo.lora.r, lora_alpha=ppo.lora.alpha, lora_dropout=ppo.lora.dropout,
                                  target_modules=r".*language_model.*\.(" + "|".join(ppo.lora.target_modules) + r")$",
                                  fan_in_fan_out=True, task_type="CAUSAL_LM")
-    trainer = AlgoTrainer(model=policy, reward_funcs=[RewardFunction(reward)],
-                          args=AlgoConfig(**common), train_dataset=prompt_dataset(config), processing_class=processor,
-                          peft_config=peft_config)
+    return AlgoTrainer(model=policy, reward_funcs=[RewardFunction(reward)],
+                       args=AlgoConfig(**common), train_dataset=prompt_dataset(config), processing_class=processor,
+                       peft_config=peft_config)
+
+
+def train(config: RunConfig, work_dir: Path | None = None) -> dict:
+    ppo = config.ppo
+    work_dir = Path(work_dir or config.paths.stage_dir("ppo"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    policy_dir = config.ppo_policy
+    policy, processor = load_model(policy_dir)
+    processor.tokenizer.padding_side = "left"  # trl pads prompts on the left for generation
+    pixels = ImageCache(processor.image_processor, config.data_dir)  # trl's trainers read pixels
+    try:
+        reward = build_reward(config, RewardContext(processor, lambda model: pixels, config.data_dir))
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    trainer = group_trainer(config, policy, processor, reward, work_dir)
     reward.to(trainer.accelerator.device)
     for model in (trainer.accelerator.unwrap_model(trainer.model), trainer.ref_model):
         if model is not None:
             positions_from_the_mask(model)
-    from vlm.train import last_complete_checkpoint
-
     resume_from = last_complete_checkpoint(work_dir / "checkpoints") if ppo.resume else None
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume_from)

@@ -1,4 +1,5 @@
-"""Argument parsing and file writing shared by the stage scripts."""
+"""What every stage script shares: its argument parser, config loading, a clean process end,
+the decoding options of the interactive commands, and atomic JSON writes (vlm/files.py)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from vlm.config import ConfigError, RunConfig, load_config
+from vlm.config import ConfigError, DecodingConfig, RunConfig, load_config
 from vlm.files import DISK_FULL_ADVICE, is_disk_full, write_json  # noqa: F401  (stages import write_json from here)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -70,6 +71,15 @@ def model_dir_from(args, config: RunConfig) -> Path:
     return Path(args.model) if args.model else config.sft_final
 
 
+def parse_model_stage_args(prog: str, doc: str, argv=None) -> tuple[RunConfig, Path]:
+    """(config, model dir) of a stage that scores one saved model (caption-eval, retrieval-eval)."""
+    parser = stage_parser(prog, doc)
+    add_model_option(parser)
+    args = parser.parse_intermixed_args(argv)
+    config = config_from_args(args)
+    return config, model_dir_from(args, config)
+
+
 def config_path_and_overrides(args) -> tuple[str, list[str]]:
     """`vqa-rlhf sft key=value` means the default config with that override."""
     config_path, overrides = args.config, list(args.overrides)
@@ -90,3 +100,38 @@ def parse_stage_args(prog: str, doc: str, argv=None) -> RunConfig:
     parser = stage_parser(prog, doc)
     return config_from_args(parser.parse_intermixed_args(argv))
 
+
+
+def decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding options of the commands that answer a person (ask, chat, caption)."""
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (default); above 0: sampling at this temperature")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+def decoding_config(args) -> DecodingConfig:
+    import torch  # here: `--help` of these commands does not pay for torch
+
+    torch.manual_seed(args.seed)
+    if args.temperature > 0:
+        return DecodingConfig(strategy="sample", temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens)
+    return DecodingConfig(strategy="greedy", max_new_tokens=args.max_new_tokens)
+
+
+def open_session(args):
+    """A ChatSession on --model about --image (None: text only), or exit with the reason."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the answer, not library notices
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    from vlm.chat import ChatSession
+
+    try:
+        session = ChatSession(args.model, decoding_config(args))
+        session.set_image(args.image)
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    return session

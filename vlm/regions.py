@@ -1,16 +1,16 @@
 """Region targets of a dataset's captions, and the per-cell probe of a vision tower on them.
 
 The built-in captions name what is in each cell ("at the top left a red circle, ...");
-`data_prep.synthetic.caption_regions` reads them back. The vision stage trains on these
+`vlm.scene.caption_regions` reads them back. The vision stage trains on these
 targets and every stage that has a model reports the probe (vlm/vision.py `cell_probe`)."""
 from __future__ import annotations
 
 import torch
 
-from data_prep.synthetic import COLOURS, SHAPES, caption_regions
 from vlm.config import RunConfig
 from vlm.data import check_image_path, load_rgb, load_split
-from vlm.vision import RegionTargets, cell_probe, encode_patches, clip_image_processor, region_targets
+from vlm.scene import COLOURS, SHAPES, caption_regions
+from vlm.vision import RegionTargets, cell_probe, clip_image_processor, encode_patches, region_targets
 
 CLASSES = {"colour": list(COLOURS), "shape": list(SHAPES)}
 

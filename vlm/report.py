@@ -1,0 +1,324 @@
+"""The run report: report.json, report.md and report.png from a run dir's stage outputs.
+
+Read from the files the stages leave (RunPaths names them), so a run dir is enough: the
+pipeline writes the report at the end of a run, `vqa-rlhf report DIR` rebuilds it, and
+`vqa-rlhf compare` reads several. Stages are listed in pipeline order (vlm.config.STAGES).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vlm.config import STAGES, RunPaths
+from vlm.files import write_json
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _sft_entry(paths: RunPaths, baselines: dict) -> dict | None:
+    """SFT's training figures and the eval stage's test-split scores of the SFT model."""
+    sft = _read(paths.metrics("sft"))
+    sft_eval = _read(paths.eval_metrics("sft"))
+    if not (sft or sft_eval):
+        return None
+    entry: dict = {}
+    if sft_eval:
+        entry.update({
+            "vqa_accuracy": sft_eval["vqa_accuracy"],
+            "by_answer_type": sft_eval["by_answer_type"],
+            "by_question_family": sft_eval["by_question_family"],
+            "eval_split": sft_eval["split"],
+            "eval_count": sft_eval["count"],
+            "train_check": sft_eval.get("train_check"),
+            "tower_probe": sft_eval.get("tower_probe"),
+        })
+        baselines["majority_answer"] = sft_eval["baselines"]["majority_answer"]["vqa_accuracy"]
+    if sft:
+        entry.update({"seconds": sft["seconds"], "steps": sft["steps"], "checkpoint": sft["checkpoint"],
+                      "train_loss": sft["train_loss"]})
+    curve_path = paths.stage_dir("sft") / "eval_log.jsonl"
+    if curve_path.is_file():
+        curve = _read_jsonl(curve_path)
+        # a captions-only SFT logs held-out caption perplexity, not VQA accuracy
+        entry["val_accuracy_curve"] = [e for e in curve if "vqa_accuracy" in e]
+        if any("caption_perplexity" in e for e in curve):
+            entry["val_caption_perplexity_curve"] = [e for e in curve if "caption_perplexity" in e]
+    if sft:
+        plot(sft.get("log_history", []), entry.get("val_accuracy_curve", []), paths.root / "report.png")
+    return entry
+
+
+def _caption_entry(paths: RunPaths, baselines: dict) -> dict | None:
+    captions = _read(paths.eval_metrics("captions"))  # stages/caption_eval.py
+    return captions and {k: captions[k] for k in (
+        "cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "perplexity", "images", "split", "seconds") if k in captions}
+
+
+def _retrieval_entry(paths: RunPaths, baselines: dict) -> dict | None:
+    retrieval = _read(paths.eval_metrics("retrieval"))  # stages/retrieval_eval.py
+    return retrieval and {k: retrieval[k] for k in (
+        "recall@1", "recall@5", "recall@10", "chance", "queries", "index_size", "split", "seconds") if k in retrieval}
+
+
+def _rm_entry(paths: RunPaths, baselines: dict) -> dict | None:
+    rm = _read(paths.metrics("rm"))
+    entry = None
+    if rm:
+        entry = {
+            "accuracy": rm["accuracy"], "auc": rm["auc"], "objective": rm["objective"], "count": rm["count"],
+            "seconds": rm["seconds"], "checkpoint": rm["checkpoint"], "by_group": rm.get("by_group", {}),
+            "baselines": {name: {k: rm["baselines"][name][k] for k in ("accuracy", "auc", "by_group")}
+                          for name in ("similarity", "exact_match") if name in rm["baselines"]},
+            "similarity_failures": rm["baselines"].get("similarity", {}).get("failures", []),
+            # does the reward know more than the policy (rewards/diagnostics.py)
+            **{key: rm.get(key) for key in ("ranking_accuracy", "best_of_n", "train_fit", "label_noise")},
+        }
+    fact = _read(paths.metrics("rm-fact"))  # rm.facts=true: the fact-augmented reward model
+    if fact:
+        entry = entry or {}
+        entry["fact_model"] = {
+            key: fact.get(key) for key in ("accuracy", "auc", "count", "ranking_accuracy", "best_of_n", "seconds")}
+    return entry
+
+
+def _ppo_entry(paths: RunPaths, baselines: dict) -> dict | None:
+    ppo = _read(paths.metrics("ppo"))
+    if not ppo:
+        return None
+    log_path = paths.stage_dir("ppo") / "log.jsonl"
+    if log_path.is_file():
+        plot_ppo(_read_jsonl(log_path), paths.stage_dir("ppo") / "ppo.png")
+    return {key: ppo.get(key) for key in (
+        "algo", "reward", "prompt_split", "vqa_accuracy_before", "vqa_accuracy_after", "error_removed", "ci95",
+        "better", "worse", "by_family", "oracle_control", "mean_reward", "kl", "seconds", "updates",
+        "hacking_alarm_at", "kept_because", "checkpoint")}
+
+
+# Stages whose report entry is more than a few keys of <run>/<stage>/metrics.json (Stage.report):
+# stage -> (its name in the report, reader). The eval stage's scores of the SFT model are sft's.
+READERS = {
+    "sft": ("sft", _sft_entry),
+    "rm": ("rm", _rm_entry),
+    "ppo": ("ppo", _ppo_entry),
+    "caption_eval": ("caption_eval", _caption_entry),
+    "retrieval_eval": ("retrieval", _retrieval_entry),
+}
+
+
+def build_report(run_dir: Path) -> dict:
+    paths = RunPaths(Path(run_dir))
+    report: dict = {"run_dir": str(paths.root), "stages": {}, "baselines": {}}
+    for stage, spec in STAGES.items():  # pipeline order
+        if stage in READERS:
+            name, reader = READERS[stage]
+            entry = reader(paths, report["baselines"])
+        elif spec.report:
+            name, metrics = stage, _read(paths.metrics(stage))
+            entry = metrics and {key: metrics[key] for key in spec.report if key in metrics}
+        else:
+            continue
+        if entry:
+            report["stages"][name] = entry
+    write_json(paths.report_json, report)
+    (paths.root / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Run report: {report['run_dir']}", ""]
+    lines += ["| stage | VQA accuracy | seconds | checkpoint |", "|---|---|---|---|"]
+    for stage, entry in report["stages"].items():
+        lines.append(f"| {stage} | {entry.get('vqa_accuracy', entry.get('vqa_accuracy_after', '-'))} | "
+                     f"{entry.get('seconds', '-')} | "
+                     f"{entry.get('checkpoint', '-')} |")
+    for name, value in report["baselines"].items():
+        lines.append(f"| baseline: {name} | {value} | | |")
+    stages = report["stages"]
+    sections = (("vision", _vision_md), ("instruct", _instruct_md), ("retrieval", _retrieval_md), ("rm", _rm_md),
+                ("ppo", _ppo_md))
+    for name, section in sections:
+        entry = stages.get(name)
+        if entry and (name != "rm" or "accuracy" in entry):  # rm: a fact-augmented model alone has no table
+            lines += section(entry)
+    lines += _sft_md(stages.get("sft", {}))
+    lines += ["", "![training curves](report.png)", ""]
+    return "\n".join(lines)
+
+
+def _vision_md(vision: dict) -> list[str]:
+    """The vision stage: the per-cell probe of the tower it trained, against an untrained one."""
+    lines: list[str] = []
+    trained, untrained = vision["probe"], vision["probe_untrained"]
+    lines += ["", f"## Vision pretraining ({vision['objective']}, {vision['steps']} steps, {vision['seconds']} s)",
+              "", f"Per-cell linear probe on the {vision['probe_split']} images (cells holding an object):", "",
+              "| tower | shape (%) | colour (%) |", "|---|---|---|",
+              f"| pretrained here | {trained['shape']} | {trained['colour']} |",
+              f"| untrained (same architecture) | {untrained['shape']} | {untrained['colour']} |"]
+    return lines
+
+
+def _instruct_md(instruct: dict) -> list[str]:
+    """Instruction tuning: VQA accuracy before / after, description quality."""
+    lines: list[str] = []
+    lines += ["", "## Instruction tuning", "",
+              f"VQA accuracy {instruct['vqa_accuracy_before']} before, {instruct['vqa_accuracy_after']} after; "
+              f"descriptions of held-out images: precision {instruct['description_precision']}, "
+              f"recall {instruct['description_recall']} (objects: colour, shape and position)"]
+    return lines
+
+
+def _retrieval_md(retrieval: dict) -> list[str]:
+    """Caption -> image retrieval recall against chance."""
+    lines: list[str] = []
+    chance = retrieval.get("chance", {})
+    lines += ["", f"## Caption -> image retrieval ({retrieval['queries']} captions, {retrieval['index_size']} "
+                  f"images, {retrieval['split']} split)", "", "| | recall@1 | recall@5 | recall@10 |",
+              "|---|---|---|---|",
+              f"| model | {retrieval['recall@1']} | {retrieval['recall@5']} | {retrieval['recall@10']} |",
+              f"| chance | {chance.get('recall@1', '-')} | {chance.get('recall@5', '-')} | "
+              f"{chance.get('recall@10', '-')} |"]
+    return lines
+
+
+def _rm_md(rm: dict) -> list[str]:
+    """The reward model against its baselines, per group; what it knows beyond the policy."""
+    lines: list[str] = []
+    lines += ["", f"## Reward model ({rm['objective']}, {rm['count']} held-out labels, split by image)", "",
+              "| reward | accuracy (%) | ROC AUC |", "|---|---|---|",
+              f"| reward model | {rm['accuracy']} | {rm['auc']} |"]
+    lines += [f"| baseline: {name} | {b['accuracy']} | {b['auc']} |" for name, b in rm["baselines"].items()]
+    sim = rm["baselines"].get("similarity", {}).get("by_group", {})
+    if rm["by_group"]:
+        lines += ["", "| group | reward model (%) | similarity (%) | labels |", "|---|---|---|---|"]
+        lines += [f"| {g} | {e['accuracy']} | {sim.get(g, {}).get('accuracy', '-')} | {e['count']} |"
+                  for g, e in rm["by_group"].items()]
+    lines += ["", f"Within-question ranking (held-out answers whose official accuracy differs): "
+                  f"{rm.get('ranking_accuracy')}%; labels that disagree with the majority annotator answer: "
+                  f"{(rm.get('label_noise') or {}).get('share')}%; training labels fitted: "
+                  f"{(rm.get('train_fit') or {}).get('accuracy')}%."]
+    bon = rm.get("best_of_n")
+    if bon:
+        lines += ["", f"Best of {bon['n']} sampled answers ({bon['questions']} questions, VQA accuracy):", "",
+                  "| greedy | reward's pick | random sample | majority vote | oracle |", "|---|---|---|---|---|",
+                  f"| {bon['greedy']} | {bon['reward']} | {bon['random']} | {bon['majority']} | {bon['oracle']} |"]
+    if rm.get("fact_model"):
+        fm = rm["fact_model"]
+        lines += ["", f"Fact-augmented reward model (reads the image's captions): held-out accuracy "
+                      f"{fm['accuracy']}%, AUC {fm['auc']}, ranking {fm.get('ranking_accuracy')}%."]
+    if rm["similarity_failures"]:
+        lines += ["", "Wrong answers the similarity baseline accepts most confidently:", ""]
+        lines += [f"- {f['question']} answer '{f['answer']}', ground truth {f['gt_answers']}: "
+                  f"similarity {f['similarity']}" for f in rm["similarity_failures"]]
+    return lines
+
+
+def _ppo_md(ppo: dict) -> list[str]:
+    """RL: test accuracy before / after with its CI, per family; the oracle control."""
+    lines: list[str] = []
+    lines += ["", f"## RL ({ppo['algo']})", "",
+              f"Test VQA accuracy (greedy, official metric) {ppo['vqa_accuracy_before']} before, "
+              f"{ppo['vqa_accuracy_after']} after {ppo['updates']} updates in {ppo['seconds']} s "
+              f"(reward: {ppo.get('reward')}, prompts: {ppo.get('prompt_split')}); "
+              f"mean reward {ppo['mean_reward']}, KL {ppo['kl']} (last tenth of the updates).", ""]
+    if ppo.get("ci95"):
+        lines += [f"Change {ppo['ci95'][0]:+}..{ppo['ci95'][1]:+} points (paired bootstrap 95% CI over questions), "
+                  f"{ppo['error_removed']}% of the error removed; {ppo['better']} questions better, "
+                  f"{ppo['worse']} worse. Kept: {ppo.get('kept_because')}"
+                  + (f"; reward-hacking alarm at update {ppo['hacking_alarm_at']}" if ppo.get("hacking_alarm_at") else "")
+                  + ".", ""]
+    if ppo.get("by_family"):
+        lines += ["| family | before | after | error removed (%) | better | worse |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {e['before']} | {e['after']} | {e['error_removed']} | {e['better']} | {e['worse']} |"
+                  for name, e in ppo["by_family"].items()] + [""]
+    if ppo.get("oracle_control"):
+        oracle = ppo["oracle_control"]
+        lines += [f"Oracle control (same budget, reward = official VQA accuracy): {oracle['vqa_accuracy_after']}, "
+                  f"{oracle['error_removed']}% of the error removed.", ""]
+    lines += ["![reward, KL and held-out accuracy over PPO updates](ppo/ppo.png)"]
+    return lines
+
+
+def _sft_md(sft: dict) -> list[str]:
+    """The SFT model on the test split: per answer type and family, memorisation, probe, curve."""
+    lines: list[str] = []
+    for title, key in (("By answer type", "by_answer_type"), ("By question family", "by_question_family")):
+        if sft.get(key):
+            lines += ["", f"## {title} (sft, {sft.get('eval_split')} split, {sft.get('eval_count')} questions)", "",
+                      "| group | VQA accuracy |", "|---|---|"]
+            lines += [f"| {group} | {acc:.2f} |" for group, acc in sorted(sft[key].items())]
+    if sft.get("by_question_family") and sft.get("train_check"):
+        check = sft["train_check"]
+        lines += ["", f"## Memorisation check (sft): {check['count']} {check['split']} questions vs the "
+                      f"{sft.get('eval_split')} split", "", "| family | train | test |", "|---|---|---|"]
+        lines += [f"| {family} | {check['by_question_family'].get(family, float('nan')):.2f} | {acc:.2f} |"
+                  for family, acc in sorted(sft["by_question_family"].items())]
+        lines.append(f"| **overall** | {check['vqa_accuracy']:.2f} | {sft['vqa_accuracy']:.2f} |")
+    if sft.get("tower_probe"):
+        lines += ["", f"Per-cell probe of the SFT model's vision tower: shape {sft['tower_probe']['shape']}%, "
+                      f"colour {sft['tower_probe']['colour']}%."]
+    if sft.get("val_accuracy_curve"):
+        lines += ["", "## Held-out (val) accuracy against training time", "",
+                  "| step | training minutes | VQA accuracy |", "|---|---|---|"]
+        lines += [f"| {e['step']} | {e['train_seconds'] / 60:.1f} | {e['vqa_accuracy']:.2f} |"
+                  for e in sft["val_accuracy_curve"]]
+    return lines
+
+
+def plot(log_history: list[dict], curve: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if losses:
+        ax_loss.plot(*zip(*losses))
+    ax_loss.set(title="SFT training loss", xlabel="step", ylabel="loss (answer tokens)")
+    ax_loss.set_yscale("log")
+    if curve:
+        ax_acc.plot([e["train_seconds"] / 60 for e in curve], [e["vqa_accuracy"] for e in curve], marker="o")
+    ax_acc.set(title="held-out VQA accuracy", xlabel="training minutes", ylabel="VQA accuracy (%)", ylim=(0, 100))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_ppo(log: list[dict], path: Path) -> None:
+    """Reward, KL and held-out VQA accuracy over PPO updates, with the rollouts' own VQA accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    held_out = [(e["step"], e["val_vqa_accuracy"]) for e in log if "val_vqa_accuracy" in e]
+    log = [e for e in log if "mean_reward" in e]  # update 0 has the held-out accuracy only
+    steps = [e["step"] for e in log]
+    fig, (ax_reward, ax_kl, ax_acc) = plt.subplots(1, 3, figsize=(14, 4))
+    ax_reward.plot(steps, [e["mean_reward"] for e in log])
+    ax_reward.set(title="mean reward (reward model)", xlabel="update")
+    ax_kl.plot(steps, [e["kl"] for e in log])
+    ax_kl.set(title="KL to the reference", xlabel="update")
+    ax_acc.plot(steps, [e.get("rollout_vqa_accuracy") for e in log], label="rollouts (sampled)", alpha=0.6)
+    if held_out:
+        ax_acc.plot(*zip(*held_out), marker="o", label="held-out (greedy)")
+    ax_acc.set(title="VQA accuracy (%)", xlabel="update")
+    ax_acc.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{'stage':<24}{'VQA accuracy':>14}{'seconds':>10}")
+    for stage, entry in report["stages"].items():
+        acc = entry.get("vqa_accuracy", entry.get("vqa_accuracy_after"))
+        print(f"{stage:<24}{acc if acc is not None else '-':>14}{entry.get('seconds', '-'):>10}")
+    for name, value in report["baselines"].items():
+        print(f"{'baseline: ' + name:<24}{value:>14}{'':>10}")
