@@ -1,6 +1,7 @@
 """The labeling page in a real headless Chromium (Debian's, driven by Playwright): keyboard labels and undo."""
 import shutil
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,23 +16,37 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-@pytest.mark.parametrize("token", [None, "t0ken"])
-def test_label_three_items_with_the_keyboard_and_undo_one(tmp_path, token):
-    from playwright.sync_api import expect, sync_playwright
+@contextmanager
+def labeling_page(store: LabelStore, query: str, token: str | None = None):
+    """The label server on a free local port and its page open in headless Chromium at `query`:
+    yields (page, the page's JavaScript errors); closes the browser and the server after."""
+    from playwright.sync_api import sync_playwright
 
-    root = tmp_path / "data"
-    store = LabelStore(tmp_path / "labels.db", create=True)
-    store.add_samples(root, make_dataset(root, 5))
     server = make_server(store, "127.0.0.1", 0, token=token)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/?labeler=alice" + (f"&token={token}" if token else "")
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             page = browser.new_page()
             errors = []
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/?{query}")
+            yield page, errors
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("token", [None, "t0ken"])
+def test_label_three_items_with_the_keyboard_and_undo_one(tmp_path, token):
+    from playwright.sync_api import expect
+
+    root = tmp_path / "data"
+    store = LabelStore(tmp_path / "labels.db", create=True)
+    store.add_samples(root, make_dataset(root, 5))
+    try:
+        with labeling_page(store, "labeler=alice" + (f"&token={token}" if token else ""), token) as (page, errors):
             item = page.locator("#item")
             expect(item).to_have_attribute("data-sample-id", "1")
             expect(page.locator("#question")).to_have_text("Question 0?")
@@ -47,35 +62,24 @@ def test_label_three_items_with_the_keyboard_and_undo_one(tmp_path, token):
             page.keyboard.press("g")
             expect(page.locator("#truth")).to_have_text("ground truth: " + ", ".join(["yes"] * 10))
             assert errors == []
-            browser.close()
         current = {r["sample_id"]: r["label"] for r in store.current_labels()}
         assert current == {1: "correct", 2: "incorrect"}
         history = store.all_labels()
         assert [(r["sample_id"], r["label"], r["labeler"], r["undone_at"] is not None) for r in history] == [
             (1, "correct", "alice", False), (2, "incorrect", "alice", False), (3, "unsure", "alice", True)]
     finally:
-        server.shutdown()
-        server.server_close()
         store.close()
 
 
 def test_pairwise_mode_judges_two_answers_with_the_keyboard(tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     root = tmp_path / "data"
     store = LabelStore(tmp_path / "labels.db", create=True)
     rows = make_dataset(root, 2)
     store.add_samples(root, rows + [{**rows[0], "answer": "no"}, {**rows[1], "answer": "no"}])  # pairs 1-3, 2-4
-    server = make_server(store, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/?labeler=alice&mode=pairs"
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url)
+        with labeling_page(store, "labeler=alice&mode=pairs") as (page, errors):
             pair = page.locator("#pair")
             expect(pair).to_have_attribute("data-pair", "1-3")
             expect(page.locator("#title")).to_have_text("Which answer is better?")
@@ -87,10 +91,7 @@ def test_pairwise_mode_judges_two_answers_with_the_keyboard(tmp_path):
             page.keyboard.press("w")
             expect(page.locator("#done")).to_be_visible()
             assert errors == []
-            browser.close()
         assert [(c["sample_a"], c["sample_b"], c["verdict"], c["labeler"]) for c in store.all_comparisons()] == [
             (1, 3, "b", "alice"), (2, 4, "both_wrong", "alice")]
     finally:
-        server.shutdown()
-        server.server_close()
         store.close()
