@@ -164,6 +164,8 @@ class SyntheticConfig:
                              f"{self.min_object_scale}, {self.max_object_scale}")
         if not 0.0 <= self.position_jitter <= 1.0:
             raise ValueError(f"position_jitter must be in [0, 1], got {self.position_jitter}")
+        if not isinstance(self.caption_summary, bool):  # a YAML "yes"/"maybe" string would read as on
+            raise ValueError(f"caption_summary must be true or false, got {self.caption_summary!r}")
 
     def images(self, split: str) -> int:
         return getattr(self, f"{split}_images")

@@ -325,7 +325,8 @@ def test_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(grid=4), dict(max_objects=10), dict(max_objects=0), dict(questions_per_image=0), dict(val_images=-1)]
+    "bad", [dict(grid=4), dict(max_objects=10), dict(max_objects=0), dict(questions_per_image=0), dict(val_images=-1),
+            dict(caption_summary="maybe")]
 )
 def test_invalid_config_raises(bad):
     with pytest.raises(ValueError):
