@@ -54,6 +54,7 @@ from vlm.scene import (  # noqa: F401
     caption_regions,
     cell_name,
     location_phrase,
+    side_phrase,
 )
 
 # ---------------------------------------------------------------------------
@@ -89,7 +90,8 @@ IMAGE_TOKEN = "<image>"
 
 # Bump when the generator's output changes for the same config, so that an
 # old dataset on disk is not silently reused.
-GENERATOR_VERSION = 2
+# 3: the caption summary says each object's side ("the circle is red on the left").
+GENERATOR_VERSION = 3
 
 # ---------------------------------------------------------------------------
 # Config
@@ -108,7 +110,7 @@ CONFIG_HELP = {
     "min_object_scale": "smallest object size as a fraction of its cell",
     "max_object_scale": "largest object size as a fraction of its cell",
     "position_jitter": "share of a cell's free space an object may move in (0: centred, 1: anywhere)",
-    "caption_summary": "open each caption with a shape-keyed summary ('the circle is red, ...')",
+    "caption_summary": "open each caption with a shape-keyed summary ('the circle is red on the left, ...')",
 }
 
 # Fields added after datasets were written without them: absent from a stored config means
@@ -132,10 +134,11 @@ class SyntheticConfig:
     min_object_scale: float = 0.6
     max_object_scale: float = 0.9
     position_jitter: float = 1.0
-    # Open every caption with a shape-keyed summary ("the circle is red, the squares are blue and
-    # green. at the top left ..."): predicting its colours is a lookup by shape, which the
-    # position-first phrases ("a red circle": a lookup by colour) never train. Off by default:
-    # measured in the README ("Vision"). Descriptions in the conversations stay position-first.
+    # Open every caption with a shape-keyed summary ("the circle is red on the left, the squares
+    # are blue in the middle and green on the right. at the top left ..."): predicting its colours
+    # is a lookup by shape, and its sides a lookup by shape and colour, which the position-first
+    # phrases ("at the top a red circle": lookups by place) never train. Off by default: measured
+    # in the README ("Vision"). Descriptions in the conversations stay position-first.
     caption_summary: bool = False
 
     def __post_init__(self) -> None:
@@ -312,16 +315,17 @@ def _listing(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def shape_summary(objects: Scene) -> str:
-    """e.g. 'the circle is red, the squares are blue and green.' (shapes in SHAPES order,
-    colours in row-major order): each colour word follows the shape it belongs to."""
+def shape_summary(objects: Scene, grid: int) -> str:
+    """e.g. 'the circle is red on the left, the squares are blue in the middle and green on the
+    right.' (shapes in SHAPES order, objects in row-major order): each colour word follows the
+    shape it belongs to, and each side follows the shape and colour it belongs to."""
     parts = []
     for shape in SHAPES:
-        colours = [o.colour for o in objects if o.shape == shape]
-        if len(colours) == 1:
-            parts.append(f"the {shape} is {colours[0]}")
-        elif colours:
-            parts.append(f"the {shape}s are {_listing(colours)}")
+        said = [f"{o.colour} {side_phrase(o.col, grid)}" for o in objects if o.shape == shape]
+        if len(said) == 1:
+            parts.append(f"the {shape} is {said[0]}")
+        elif said:
+            parts.append(f"the {shape}s are {_listing(said)}")
     return ", ".join(parts) + "."
 
 
@@ -337,7 +341,7 @@ def caption_for(objects: Scene, grid: int, summary: bool = False) -> str:
         for o in objects
     ]
     caption = _listing(parts) + "."
-    return f"{shape_summary(objects)} {caption}" if summary else caption
+    return f"{shape_summary(objects, grid)} {caption}" if summary else caption
 
 
 def count_where(objects: Scene, **attributes) -> int:
@@ -832,6 +836,8 @@ def _existing_counts(config: SyntheticConfig, out_dir: Path) -> Optional[dict]:
     stored = meta.get("config")
     found = {"generator_version": meta.get("generator_version"),
              "config": {**ADDED_FIELDS, **stored} if isinstance(stored, dict) else stored}
+    if found["generator_version"] == 2 and not config.caption_summary:
+        found["generator_version"] = 3  # version 3 changed only the summary: without one, the same output
     if _made_before_the_rl_split(found, wanted, meta):
         return _add_split(config, out_dir, meta, "rl")
     if found != wanted:

@@ -1,6 +1,7 @@
 """Tests for data_prep/synthetic.py on tiny datasets."""
 
 import collections
+import dataclasses
 import json
 import re
 import shutil
@@ -26,6 +27,7 @@ from data_prep.synthetic import (
     generate,
     normalize_answer,
     shape_summary,
+    side_phrase,
 )
 
 TINY = SyntheticConfig(train_images=60, val_images=15, test_images=15, rl_images=15, seed=3)
@@ -441,7 +443,8 @@ def test_caption_summary_opens_each_caption_with_a_lookup_by_shape(tmp_path):
         summary, rest = after["caption"].split(". ", 1)
         assert rest == before["caption"]
         for obj in before["objects"]:
-            assert re.search(rf"the {obj['shape']}s? (is|are) [a-z, ]*\b{obj['colour']}\b", summary)
+            side = side_phrase(obj["col"], 3)
+            assert re.search(rf"the {obj['shape']}s? (is|are) [a-z, ]*\b{obj['colour']} {side}\b", summary)
         assert caption_regions(after["caption"], 3) == caption_regions(before["caption"], 3)
     assert summed["conversations"] == plain["conversations"]
     assert summed["vqa"] == plain["vqa"]
@@ -451,7 +454,9 @@ def test_shape_summary_wording():
     objects = [SceneObject("circle", "red", 0, 0, (0, 0, 9, 9), (255, 0, 0)),
                SceneObject("square", "blue", 0, 1, (16, 0, 25, 9), (0, 0, 255)),
                SceneObject("square", "green", 2, 2, (32, 32, 41, 41), (0, 255, 0))]
-    assert shape_summary(objects) == "the circle is red, the squares are blue and green."
+    assert shape_summary(objects, 3) == \
+        "the circle is red on the left, the squares are blue in the middle and green on the right."
+    assert shape_summary(objects[:2], 2) == "the circle is red on the left, the square is blue on the right."
 
 
 def test_a_dataset_written_before_caption_summary_existed_is_still_the_same_config(dataset_dir, tmp_path):
@@ -462,3 +467,17 @@ def test_a_dataset_written_before_caption_summary_existed_is_still_the_same_conf
     del meta["config"]["caption_summary"]
     (copy / "meta.json").write_text(json.dumps(meta))
     assert generate(TINY, copy, progress=False) == meta["counts"]
+
+
+def test_a_version_2_dataset_is_reused_without_a_summary_and_refused_with_one(dataset_dir, tmp_path):
+    """Generator version 3 changed only the summary's words (sides added)."""
+    copy = tmp_path / "old"
+    shutil.copytree(dataset_dir, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["generator_version"] = 2
+    (copy / "meta.json").write_text(json.dumps(meta))
+    assert generate(TINY, copy, progress=False) == meta["counts"]
+    meta["config"]["caption_summary"] = True
+    (copy / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(FileExistsError, match="different config or generator version"):
+        generate(dataclasses.replace(TINY, caption_summary=True), copy, progress=False)

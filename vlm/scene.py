@@ -43,6 +43,13 @@ def location_phrase(row: int, col: int, grid: int) -> str:
     return f"at the {name}"
 
 
+def side_phrase(col: int, grid: int) -> str:
+    """'on the left', 'in the middle', 'on the right': the column alone, in the words the
+    `position` family answers with."""
+    word = COLUMN_WORDS_BY_GRID[grid][col]
+    return "in the middle" if word == "middle" else f"on the {word}"
+
+
 def caption_regions(caption: str, grid: int) -> dict[int, dict[str, str]]:
     """What a caption says is in each cell: {row * grid + col: {"colour": ..., "shape": ...}}.
 
