@@ -26,7 +26,7 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path)
     # SFT built on the vision stage's tower, kept it frozen and read the tower's feature cache
     assert stages["sft"]["tower_probe"]["shape"] == pytest.approx(
         json.loads((run_dir / "eval" / "sft" / "metrics.json").read_text())["tower_probe"]["shape"])
-    assert set(stages["vision"]["probe"]) == {"shape", "colour"}
+    assert set(stages["vision"]["probe"]) == {"shape", "colour", "place"}
     assert "sft: feature cache" in result.stdout
     assert set(stages["sft"]["train_check"]["by_question_family"]) <= set(stages["sft"]["by_question_family"])
     assert 0 <= stages["rm"]["accuracy"] <= 100

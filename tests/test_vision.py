@@ -29,6 +29,26 @@ def test_a_caption_outside_the_region_grammar_is_an_error_naming_the_phrase():
         caption_regions("at the top left a red hexagon.", 3)
 
 
+def test_each_region_named_by_a_caption_is_a_colour_a_shape_and_its_place(tiny_data_dir, monkeypatch):
+    """The place target is the phrase's location words: it keeps patch tokens saying where they are."""
+    from datasets import Dataset
+
+    from vlm import regions
+    from vlm.config import load_config
+    from vlm.vision import NOTHING
+
+    config = load_config(REPO / "configs/default.yaml", [*TINY_DIMS, f"data.dir={tiny_data_dir}"])
+    records = [{"id": "a", "image": "images/train/000000.png",
+                "caption": "the circle is red on the left. at the top left a red circle and at the bottom a blue square."}]
+    monkeypatch.setattr(regions, "load_split", lambda *args: Dataset.from_list(records))
+    _, targets = regions.load_regions(config, "train")
+    said = {attr: [targets.classes[attr][i] for i in targets.labels[attr][0].tolist()] for attr in targets.classes}
+    assert said["place"] == ["top left", NOTHING, NOTHING, NOTHING, NOTHING, NOTHING, NOTHING, "bottom", NOTHING]
+    assert said["colour"][0] == "red" and said["shape"][7] == "square"
+    assert sorted(targets.classes["place"]) == sorted([NOTHING, "top left", "top", "top right", "left", "middle",
+                                                       "right", "bottom left", "bottom", "bottom right"])
+
+
 def test_a_caption_outside_the_grammar_in_a_dataset_names_the_file_record_and_field(tiny_data_dir, monkeypatch):
     from datasets import Dataset
 
@@ -95,7 +115,7 @@ def test_the_vision_stage_saves_a_stock_tower_its_probe_and_the_feature_cache(vi
     metrics = json.loads((tmp_path / "tiny" / "vision" / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["seconds"] > 0
     for probe in (metrics["probe"], metrics["probe_untrained"]):
-        assert set(probe) == {"shape", "colour"} and all(0 <= v <= 100 for v in probe.values())
+        assert set(probe) == {"shape", "colour", "place"} and all(0 <= v <= 100 for v in probe.values())
     store = FeatureStore(config.vision_features)
     store.check_matches(signature(tower, processor, -1), "the saved tower")  # made by exactly this tower
     assert len(store.rows) == 30 + 6 + 6 + 6  # every image of every split (train, val, test, rl)

@@ -155,11 +155,12 @@ def _vision_md(vision: dict) -> list[str]:
     """The vision stage: the per-cell probe of the tower it trained, against an untrained one."""
     lines: list[str] = []
     trained, untrained = vision["probe"], vision["probe_untrained"]
+    attributes = list(trained)  # shape, colour, place (runs before the place target: shape, colour)
     lines += ["", f"## Vision pretraining ({vision['objective']}, {vision['steps']} steps, {vision['seconds']} s)",
               "", f"Per-cell linear probe on the {vision['probe_split']} images (cells holding an object):", "",
-              "| tower | shape (%) | colour (%) |", "|---|---|---|",
-              f"| pretrained here | {trained['shape']} | {trained['colour']} |",
-              f"| untrained (same architecture) | {untrained['shape']} | {untrained['colour']} |"]
+              "| tower | " + " | ".join(f"{a} (%)" for a in attributes) + " |", "|---" * (len(attributes) + 1) + "|",
+              "| pretrained here | " + " | ".join(str(trained[a]) for a in attributes) + " |",
+              "| untrained (same architecture) | " + " | ".join(str(untrained.get(a, "-")) for a in attributes) + " |"]
     return lines
 
 
@@ -260,8 +261,8 @@ def _sft_md(sft: dict) -> list[str]:
                   for family, acc in sorted(sft["by_question_family"].items())]
         lines.append(f"| **overall** | {check['vqa_accuracy']:.2f} | {sft['vqa_accuracy']:.2f} |")
     if sft.get("tower_probe"):
-        lines += ["", f"Per-cell probe of the SFT model's vision tower: shape {sft['tower_probe']['shape']}%, "
-                      f"colour {sft['tower_probe']['colour']}%."]
+        probe = ", ".join(f"{attribute} {value}%" for attribute, value in sft["tower_probe"].items())
+        lines += ["", f"Per-cell probe of the SFT model's vision tower: {probe}."]
     if sft.get("val_accuracy_curve"):
         lines += ["", "## Held-out (val) accuracy against training time", "",
                   "| step | training minutes | VQA accuracy |", "|---|---|---|"]
