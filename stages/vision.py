@@ -6,13 +6,13 @@ Real configs start from a pretrained CLIP (model.vision_model: openai/clip-vit-b
 The built-in run cannot download one, and a tower trained from scratch only through the
 language model never learns shape, so this stage makes one (vlm/vision.py):
 
-setup: a CLIP vision tower from the model.* dimensions; per-region colour and shape targets
-       read from the train split's captions (dense region-text alignment)
+setup: a CLIP vision tower from the model.* dimensions; per-region colour, shape and place
+       targets read from the train split's captions (dense region-text alignment)
 train: vision.steps of AdamW on the region loss; a checkpoint every vision.save_steps, and a
        killed run resumes from the newest one with the same batches
 save:  <run>/vision/final, a stock CLIPVisionModel + its image processor (SFT builds on it with
        model.vision_model and keeps it frozen); metrics.json with the per-cell linear probe
-       (shape, colour) of this tower and of an untrained one; the feature cache of the dataset
+       (shape, colour, place) of this tower and of an untrained one; the feature cache of the dataset
        for this tower in <run>/vision/features (vision.feature_cache)
 """
 from __future__ import annotations

@@ -135,7 +135,7 @@ def test_the_report_lists_stages_in_pipeline_order(tmp_path):
     write("rm/metrics.json", {"accuracy": 70.0, "auc": 0.7, "objective": "pointwise", "count": 10, "seconds": 4,
                               "checkpoint": "rm/final", "baselines": {}})
     write("sft/metrics.json", {"seconds": 5, "steps": 10, "checkpoint": "sft/final", "train_loss": 1.0})
-    write("eval/sft/metrics.json", {"vqa_accuracy": 80.0, "by_answer_type": {}, "by_question_family": {},
+    write("eval/sft/metrics.json", {"vqa_accuracy": 80.0, "by_answer_type": {"yes/no": 80.0}, "by_question_family": {},
                                     "split": "test", "count": 4, "baselines": {"majority_answer": {"vqa_accuracy": 20}}})
     write("vision/metrics.json", {"objective": "region_text", "steps": 5, "seconds": 1, "probe_split": "test",
                                   "probe": {"shape": 90, "colour": 95}, "probe_untrained": {"shape": 50, "colour": 60},
@@ -144,8 +144,13 @@ def test_the_report_lists_stages_in_pipeline_order(tmp_path):
     assert list(report["stages"]) == ["vision", "sft", "rm", "ppo", "instruct", "caption_eval"]
     order = [name for name in STAGES if name in report["stages"]]
     assert list(report["stages"]) == order
-    table = (tmp_path / "report.md").read_text().split("## ")[0]
+    markdown = (tmp_path / "report.md").read_text()
+    table = markdown.split("## ")[0]
     assert [row.split(" | ")[0].strip("| ") for row in table.splitlines()[4:10]] == order
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    first = [next(i for i, h in enumerate(headings) if h.startswith(prefix))
+             for prefix in ("## Vision", "## By answer type", "## Reward model", "## RL", "## Instruction")]
+    assert first == sorted(first)  # each stage's sections in pipeline order
 
 
 # ---------------------------------------------------------------- the image input

@@ -71,7 +71,7 @@ class VisionConfig:
     warmup_steps: int = 25
     weight_decay: float = 0.01
     save_steps: int = 250
-    # Train images the linear probe (per-cell shape and colour) is fitted on; it is scored on data.test_split.
+    # Train images the linear probe (per-cell shape, colour and place) is fitted on; it is scored on data.test_split.
     probe_images: int = 2000
     # Cache the tower's features of every image of the dataset (<run>/vision/features) for the
     # stages that keep it frozen (data.feature_cache).

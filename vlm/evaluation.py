@@ -69,7 +69,7 @@ def memorisation_check(config: RunConfig, model, processor, images) -> dict | No
 
 
 def tower_probe(config: RunConfig, model) -> dict | None:
-    """Per-cell shape / colour probe of the model's vision tower (vlm/regions.py), where
+    """Per-cell shape / colour / place probe of the model's vision tower (vlm/regions.py), where
     the data's captions name their regions (the built-in data); None elsewhere."""
     try:
         return probe_towers(config, {"tower": model.model.vision_tower})["tower"]

@@ -140,13 +140,12 @@ def render_markdown(report: dict) -> str:
     for name, value in report["baselines"].items():
         lines.append(f"| baseline: {name} | {value} | | |")
     stages = report["stages"]
-    sections = (("vision", _vision_md), ("instruct", _instruct_md), ("retrieval", _retrieval_md), ("rm", _rm_md),
-                ("ppo", _ppo_md))
+    sections = (("vision", _vision_md), ("sft", _sft_md), ("rm", _rm_md), ("ppo", _ppo_md),
+                ("instruct", _instruct_md), ("retrieval", _retrieval_md))  # pipeline order
     for name, section in sections:
         entry = stages.get(name)
         if entry and (name != "rm" or "accuracy" in entry):  # rm: a fact-augmented model alone has no table
             lines += section(entry)
-    lines += _sft_md(stages.get("sft", {}))
     lines += ["", "![training curves](report.png)", ""]
     return "\n".join(lines)
 

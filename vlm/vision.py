@@ -8,7 +8,7 @@ CLIP, so `stages/vision.py` makes its own tower first, with this module.
 
 Objective ("region_text", dense region-text alignment): a caption names what is in each
 region ("at the top left a red circle, ..."). Each region's phrase becomes one target per
-attribute (colour, shape; "nothing" for an empty region) for the patch token that covers the
+attribute (colour, shape and place, vlm/regions.py; "nothing" for an empty region) for the patch token that covers the
 region, and linear heads on the tower's patch tokens learn them with cross-entropy. The heads
 are thrown away; the tower is saved as a stock `CLIPVisionModel`.
 
