@@ -243,7 +243,9 @@ class PPOConfig:
     max_prompts: int | None = None  # questions of the prompt split used as queries (default: all)
     save_steps: int = 20
     eval_steps: int = 20  # held-out VQA accuracy every N updates (0: off)
-    eval_samples: int = 256
+    # Val questions of that accuracy, which the guard below keeps the best policy by. Against a
+    # policy near 99%, 256 questions hide a fall: 98.75 -> 98.13 on 256, 98.97 -> 97.62 on 1,200.
+    eval_samples: int = 1200
     resume: bool = True
     # Reward-hacking guard (ppo): the alarm fires when the last hacking_window updates' mean reward is
     # above the first hacking_window updates' while the reward's agreement with the ground truth

@@ -156,6 +156,9 @@ def scratch_configs(config: ModelConfig, vocab_size: int) -> tuple[CLIPVisionCon
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
+        # GPT2Config's defaults (50256) lie outside a small vocabulary; llava_config sets the tokenizer's
+        bos_token_id=None,
+        eos_token_id=None,
     )
     return vision, text
 
