@@ -83,6 +83,33 @@ def test_without_autolabel_the_run_stops_after_sample_and_says_how_to_label_and_
     assert f"./launch.sh configs/default.yaml output_root={tmp_path} name=people --stages rm,ppo" in out
 
 
+def test_a_changed_stage_setting_reruns_that_stage_and_the_later_ones_only(tmp_path, monkeypatch):
+    """A PPO key changed: prep to rm are still done with this config; ppo and instruct run again.
+    A shared key (model, data, eval, seed) reruns every stage."""
+    from vlm import pipeline
+    from vlm.config import load_config
+
+    started = []
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda command: started.append(command[command.index("-m") + 1]) or 0)
+    monkeypatch.setattr(pipeline, "build_report", lambda run_dir: {"stages": {}})
+    monkeypatch.setattr(pipeline, "print_table", lambda report: None)
+    monkeypatch.setattr(pipeline, "why_skip", lambda config, stage: None)
+    stages = ["prep", "vision", "sft", "eval", "rm", "ppo", "instruct"]
+
+    def run(*overrides):
+        started.clear()
+        overrides = [f"output_root={tmp_path}", "name=r", *overrides]
+        assert pipeline.run(load_config(REPO / "configs/default.yaml", overrides), "c.yaml", stages, overrides, False) == 0
+        return [module.removeprefix("stages.") for module in started]
+
+    assert run() == ["prep", "vision", "sft", "evaluate", "rm", "ppo", "instruct"]
+    assert run() == []
+    assert run("ppo.kl_coef=0.5") == ["ppo", "instruct"]
+    assert run("ppo.kl_coef=0.5", "sft.lr=5e-4") == ["sft", "evaluate", "rm", "ppo", "instruct"]
+    assert run("ppo.kl_coef=0.5", "sft.lr=5e-4", "eval.batch_size=64") == \
+        ["prep", "vision", "sft", "evaluate", "rm", "ppo", "instruct"]
+
+
 def test_a_stage_resumes_its_own_checkpoints_but_never_those_of_another_config(tmp_path, monkeypatch):
     from vlm import pipeline
     from vlm.config import load_config
@@ -95,7 +122,7 @@ def test_a_stage_resumes_its_own_checkpoints_but_never_those_of_another_config(t
         config = load_config(REPO / "configs/default.yaml", overrides)
         pipeline.run(config, "configs/default.yaml", ["ppo"], overrides, False)
         (tmp_path / "ppo-run" / "ppo" / "done.json").unlink()  # as if killed before it finished
-        return pipeline.config_fingerprint(config)
+        return pipeline.config_fingerprint(config, "ppo")
 
     first = run()
     (checkpoints / "checkpoint-20").mkdir(parents=True)

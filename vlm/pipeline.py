@@ -37,8 +37,21 @@ def stage_command(config: RunConfig, stage: str, config_path: str, overrides: li
     return command + ["--module", module, *args]
 
 
-def config_fingerprint(config: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:16]
+# Read by stages before the eval stage too (SFT's held-out curve decodes with eval.decoding).
+SHARED_SECTIONS = {"eval"}
+
+
+def config_fingerprint(config: RunConfig, stage: str | None = None) -> str:
+    """The settings a stage's result depends on: the config without the sections of the stages
+    after it in pipeline order, so a changed `ppo.kl_coef` reruns ppo and the stages after it,
+    never prep, vision or SFT. A section named after a stage is that stage's; the others (seed,
+    model, data, eval, ...) are every stage's. No stage reads a later stage's section."""
+    settings = to_dict(config)
+    if stage is not None:
+        order = list(STAGES)
+        later = set(order[order.index(stage) + 1:]) - SHARED_SECTIONS
+        settings = {key: value for key, value in settings.items() if key not in later}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def set_aside_other_configs_state(stage_dir: Path, fingerprint: str, force: bool) -> None:
@@ -93,8 +106,8 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
     """`config` is `config_path` with `overrides` applied; the stage processes get the path and overrides."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = config_fingerprint(config)
     for stage in stages:
+        fingerprint = config_fingerprint(config, stage)
         marker = config.paths.done_marker(stage)
         if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
             print(f"== {stage}: done earlier with this config, skipping (--force to rerun)", flush=True)
