@@ -34,8 +34,8 @@ def cell_name(row: int, col: int, grid: int) -> str:
     return f"{row_word} {col_word}"
 
 
-def location_phrase(row: int, col: int, grid: int) -> str:
-    name = cell_name(row, col, grid)
+def _place_phrase(name: str) -> str:
+    """'in the middle', 'on the left', 'at the top left': a place name with its preposition."""
     if name == "middle":
         return "in the middle"
     if name in ("left", "right"):
@@ -43,11 +43,14 @@ def location_phrase(row: int, col: int, grid: int) -> str:
     return f"at the {name}"
 
 
+def location_phrase(row: int, col: int, grid: int) -> str:
+    return _place_phrase(cell_name(row, col, grid))
+
+
 def side_phrase(col: int, grid: int) -> str:
     """'on the left', 'in the middle', 'on the right': the column alone, in the words the
     `position` family answers with."""
-    word = COLUMN_WORDS_BY_GRID[grid][col]
-    return "in the middle" if word == "middle" else f"on the {word}"
+    return _place_phrase(COLUMN_WORDS_BY_GRID[grid][col])
 
 
 def caption_regions(caption: str, grid: int) -> dict[int, dict[str, str]]:
