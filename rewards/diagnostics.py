@@ -92,3 +92,37 @@ def best_of_n(policy, processor, reward, records: list[dict], images, captions: 
             totals["majority"] += accuracies[voted]
             totals["oracle"] += max(accuracies)
     return {"n": n, "questions": len(records), **{k: round(100.0 * v / len(records), 2) for k, v in totals.items()}}
+
+
+def family_candidates(records: list[dict], limit: int = 20) -> dict[str, list[str]]:
+    """Each question family's candidate answers: the majority answers its questions have in `records`,
+    the `limit` most common (the synthetic families: counts, the six colours, yes / no, the shapes,
+    the sides)."""
+    counts: dict[str, Counter] = {}
+    for record in records:
+        family = record.get("question_family") or record.get("answer_type") or "all"
+        counts.setdefault(family, Counter())[majority_answer(record["answers"])] += 1
+    return {family: sorted(answer for answer, _ in counter.most_common(limit)) for family, counter in counts.items()}
+
+
+@torch.no_grad()
+def candidate_top1(reward, records: list[dict], candidates: dict[str, list[str]], captions: dict[str, str]) -> dict:
+    """Does the reward know the answers? For each record, every candidate answer of its family is
+    scored; the record counts as right when the top-scored candidate has the best official VQA
+    accuracy among them (ties in score: the first candidate). Per family and overall, in %."""
+    right: Counter = Counter()
+    total: Counter = Counter()
+    for record in records:
+        family = record.get("question_family") or record.get("answer_type") or "all"
+        answers = candidates.get(family) or []
+        if len(answers) < 2:
+            continue
+        reference = reference_of(record, captions)
+        scores = reward(inputs_from_references([reference] * len(answers), answers)).tolist()
+        accuracies = [vqa_accuracy(a, record["answers"]) for a in answers]
+        pick = max(range(len(answers)), key=lambda k: (scores[k], -k))
+        right[family] += accuracies[pick] == max(accuracies)
+        total[family] += 1
+    by_family = {family: round(100.0 * right[family] / total[family], 2) for family in sorted(total)}
+    overall = round(100.0 * sum(right.values()) / sum(total.values()), 2) if total else None
+    return {"overall": overall, "questions": sum(total.values()), "by_family": by_family}

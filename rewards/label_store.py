@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import sqlite3
 import threading
@@ -392,12 +393,16 @@ class LabelStore:
 
     # -- auto-labels, import ---------------------------------------------------
 
-    def autolabel(self, min_accuracy: float) -> dict:
+    def autolabel(self, min_accuracy: float, error_rate: float = 0.0, seed: int = 0) -> dict:
         """Label samples that have ground truth as `auto`: correct iff official VQA accuracy >= min_accuracy.
 
-        Only changes are written (a re-run with the same threshold adds nothing)."""
+        `error_rate` simulates a careless labeler: that share of the samples gets the other label. Which
+        samples is fixed by (seed, sample id), so a re-run flips the same ones. Only changes are written
+        (a re-run with the same settings adds nothing)."""
         if not 0.0 <= min_accuracy <= 1.0:
             raise StoreError(f"min_accuracy must be in [0, 1], got {min_accuracy}")
+        if not 0.0 <= error_rate < 0.5:
+            raise StoreError(f"error_rate must be in [0, 0.5), got {error_rate}")
         current = {r["sample_id"]: r["label"] for r in self.current_labels() if r["labeler"] == AUTO}
         counts = Counter()
         new_labels = []
@@ -408,7 +413,11 @@ class LabelStore:
                 continue
             # The metric's mean of ten thirds is inexact (2 of 10 matches gives 0.59999...): compare with a
             # tolerance, so that 0.6 means "at least two annotators" as it reads.
-            label = "correct" if vqa_accuracy(row["answer"], gt) >= min_accuracy - 1e-9 else "incorrect"
+            right = vqa_accuracy(row["answer"], gt) >= min_accuracy - 1e-9
+            if error_rate and random.Random(f"{seed}:{row['id']}").random() < error_rate:
+                right = not right
+                counts["flipped"] += 1
+            label = "correct" if right else "incorrect"
             counts[label] += 1
             if current.get(row["id"]) == label:
                 counts["unchanged"] += 1
@@ -419,7 +428,7 @@ class LabelStore:
             db.executemany("INSERT INTO labels (sample_id, labeler, label, time) VALUES (?, ?, ?, ?)",
                            [(sid, AUTO, label, stamp) for sid, label in new_labels])
         counts["written"] = len(new_labels)
-        return {k: counts[k] for k in ("written", "unchanged", "correct", "incorrect", "no_ground_truth")}
+        return {k: counts[k] for k in ("written", "unchanged", "correct", "incorrect", "flipped", "no_ground_truth")}
 
     def import_labels(self, path: str | Path, rejects) -> dict:
         """Labels made elsewhere: JSONL rows {"sample_id", "label", "labeler", "time"?}.

@@ -14,7 +14,9 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import LlavaForConditionalGeneration
 
+from rewards.answer_likelihood import answer_probabilities, encode_judged_rows
 from rewards.base import Reward, RewardContext, RewardInput
 from rewards.reward_model import RewardModel
 from rewards.train_rm import encode_answer, pad_rows, reward_prompt
@@ -48,6 +50,8 @@ class ModelReward(Reward):
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"no {cls.what} at {path}: run the rm stage first"
                                     + (" with rm.facts=true" if cls.reads_facts else ""))
+        if cls is ModelReward and json.loads((path / "config.json").read_text()).get("model_type") == "llava":
+            return LikelihoodReward.from_checkpoint(path, config, context)  # rm.objective=likelihood
         model = RewardModel.from_pretrained(path, dtype=torch.float32)
         reads_facts = bool(getattr(model.config, "facts_template", None))
         if reads_facts != cls.reads_facts:
@@ -79,6 +83,32 @@ class ModelReward(Reward):
         return torch.cat(out)
 
 
+class LikelihoodReward(ModelReward):
+    """The likelihood reward model (rm.objective=likelihood, rewards/answer_likelihood.py): the
+    probability a copy of the policy's LM, trained on the judgments, gives the answer. `ppo.reward=model`
+    reads it when the rm stage trained that form (the checkpoint is a stock Llava model)."""
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, config, context: RewardContext) -> "LikelihoodReward":
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        data = config.data
+        return cls(model, context.processor.tokenizer, context.images_for(model), data.prompt_template,
+                   data.answer_template, data.max_length, threshold=fitted_threshold(path, default=0.5))
+
+    @torch.no_grad()
+    def score(self, inputs: list[RewardInput]) -> torch.Tensor:
+        rows = [{"question": item.question, "answer": item.answer, "image": item.image, "question_id": item.record_id}
+                for item in inputs]
+        try:
+            encoded = encode_judged_rows(rows, self.tokenizer, self.images,
+                                         lambda row: reward_prompt(self.prompt_template, row["question"]),
+                                         self.answer_template, self.model.config.image_seq_length, self.max_length)
+        except ValueError as exc:
+            raise ValueError(f"reward '{self.name}': {exc}") from None
+        return torch.tensor(answer_probabilities(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size,
+                                                 self.images.kind.key))
+
+
 class FactModelReward(ModelReward):
     """The reward model that also reads the image's reference facts (LLaVA-RLHF's Fact-RLHF).
     Facts are used where the data has them; an image without a caption is scored without."""
@@ -90,10 +120,11 @@ class FactModelReward(ModelReward):
         return config.ppo_fact_model
 
 
-def fitted_threshold(model_dir: Path) -> float:
+def fitted_threshold(model_dir: Path, default: float = 0.0) -> float:
     """The model's cut between correct and incorrect, fitted on its training labels (rm stage's
-    metrics.json beside or inside the model dir); 0 (a logit's natural cut) when there is none."""
+    metrics.json beside or inside the model dir); else `default` (a logit's natural cut: 0; a
+    probability's: 0.5)."""
     for path in (model_dir.parent / "metrics.json", model_dir / "metrics.json"):
         if path.is_file():
-            return float(json.loads(path.read_text()).get("threshold", 0.0))
-    return 0.0
+            return float(json.loads(path.read_text()).get("threshold", default))
+    return default

@@ -129,10 +129,12 @@ class PPORun:
         )
 
     def _value_model_start(self) -> RewardModel:
-        """The critic starts as the reward's learned model when it has one (its head already reads
-        answers), else as the policy's backbone with a fresh head (ppo.reward=vqa_accuracy)."""
+        """The critic starts as the reward's learned scalar-head model when it has one (its head already
+        reads answers), else as the policy's backbone with a fresh head (ppo.reward=vqa_accuracy, or a
+        likelihood reward model, which has no head)."""
         parts = self.reward.parts.values() if hasattr(self.reward, "parts") else [self.reward]
-        learned = next((part for part in parts if isinstance(part, ModelReward)), None)
+        learned = next((part for part in parts
+                        if isinstance(part, ModelReward) and isinstance(part.model, RewardModel)), None)
         if learned is not None:
             return copy.deepcopy(learned.model)
         torch.manual_seed(self.config.seed)

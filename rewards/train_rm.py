@@ -1,6 +1,8 @@
 """Reward model training on exported correct / incorrect labels.
 
 pointwise (default): BCE of the reward (a logit) against the label.
+likelihood: the policy's own LM, BCE of its answer probability against the label
+(rewards/answer_likelihood.py).
 pairwise: a correct and an incorrect answer to the same question about the same
 image, -logsigmoid(r_correct - r_incorrect) (Bradley-Terry, as TRL's RewardTrainer,
 which is text-only and so cannot be used here).
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from vlm.config import RewardTrainConfig
 from vlm.data import ImageCache, encode_example, pad, vqa_prompt
 from vlm.train import VLMTrainer
+from rewards.answer_likelihood import answer_log_probs, likelihood_loss
 
 
 def reward_prompt(prompt_template: str, question: str, facts_template: str | None = None,
@@ -98,6 +101,10 @@ class RewardTrainer(VLMTrainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.objective == "likelihood":
+            log_p = answer_log_probs(model, inputs)
+            loss = likelihood_loss(log_p, inputs["targets"])
+            return (loss, log_p) if return_outputs else loss
         targets = inputs.pop("targets", None)
         rewards = model(**inputs)
         loss = pairwise_loss(rewards) if self.objective == "pairwise" else pointwise_loss(rewards, targets)

@@ -30,14 +30,16 @@ def main(argv=None) -> int:
     min_accuracy = config.autolabel.min_accuracy if args.min_accuracy is None else args.min_accuracy
     try:
         with LabelStore(config.labels_db) as store:
-            counts = store.autolabel(min_accuracy)
+            counts = store.autolabel(min_accuracy, config.autolabel.error_rate, config.seed)
             agreement = store.stats()["auto_vs_human"]
     except (FileNotFoundError, StoreError) as exc:
         sys.exit(f"error: {exc}")
-    report = {"db": str(config.labels_db), "min_accuracy": min_accuracy, **counts, "auto_vs_human": agreement}
+    report = {"db": str(config.labels_db), "min_accuracy": min_accuracy, "error_rate": config.autolabel.error_rate,
+              **counts, "auto_vs_human": agreement}
     write_json(config.labels_db.parent / "autolabel.json", report)
     print(f"autolabel: {counts['correct']} correct, {counts['incorrect']} incorrect "
-          f"({counts['written']} written, {counts['unchanged']} unchanged), "
+          f"({counts['written']} written, {counts['unchanged']} unchanged, {counts['flipped']} flipped by "
+          f"autolabel.error_rate={config.autolabel.error_rate}), "
           f"{counts['no_ground_truth']} without ground truth")
     if agreement["items"]:
         print(f"  agreement with people on {agreement['items']} samples: {agreement['agreement']:.1%}, "

@@ -24,8 +24,9 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from peft import PeftModel
-from transformers import AutoProcessor, set_seed
+from transformers import AutoProcessor, LlavaForConditionalGeneration, set_seed
 
 from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split
@@ -45,8 +46,9 @@ from vlm.train import (
     training_arguments,
 )
 from vlm.vqa_metric import vqa_accuracy
+from rewards.answer_likelihood import JudgedAnswerCollator, answer_probabilities, encode_judged_rows
 from rewards.baselines import evaluate_baselines, group_accuracy
-from rewards.diagnostics import best_of_n, label_noise, ranking_accuracy
+from rewards.diagnostics import best_of_n, candidate_top1, family_candidates, label_noise, ranking_accuracy
 from rewards.label_store import LabelStore
 from rewards.labels_io import (
     binary_metrics,
@@ -57,9 +59,17 @@ from rewards.labels_io import (
     question_families,
     split_by_image,
 )
-from rewards.model_reward import FactModelReward, ModelReward
+from rewards.model_reward import FactModelReward, LikelihoodReward, ModelReward
 from rewards.reward_model import RewardModel
-from rewards.train_rm import PairwiseCollator, PointwiseCollator, RewardTrainer, check_objective, encode_rows, score
+from rewards.train_rm import (
+    PairwiseCollator,
+    PointwiseCollator,
+    RewardTrainer,
+    check_objective,
+    encode_rows,
+    reward_prompt,
+    score,
+)
 
 
 def export_labels_from_store(config: RunConfig, out_dir: Path) -> Path:
@@ -88,6 +98,9 @@ def read_labels(config: RunConfig, labels_dir: Path) -> Labels:
     rm = config.rm
     rows, image_root = load_labels(labels_dir)
     facts_template = captions = None
+    if rm.facts and rm.objective == "likelihood":
+        raise SystemExit("error: config keys 'rm.facts' and 'rm.objective': the likelihood reward model reads the "
+                         "policy's own prompt, without facts (set rm.facts=false or rm.objective=pointwise)")
     if rm.facts:
         facts_template = rm.facts_template
         captions = captions_by_image(image_root)
@@ -114,6 +127,8 @@ def read_labels(config: RunConfig, labels_dir: Path) -> Labels:
 def training_set(rm, labels: Labels, train_encoded: list[dict], encode, pad_token_id: int):
     """(dataset, collator): every training label (pointwise), or correct-vs-incorrect pairs of a
     question plus people's preferences (pairwise)."""
+    if rm.objective == "likelihood":
+        return train_encoded, JudgedAnswerCollator(pad_token_id)
     if rm.objective != "pairwise":
         return train_encoded, PointwiseCollator(pad_token_id)
     index = {id(r): e for r, e in zip(labels.train_rows, train_encoded)}
@@ -124,12 +139,13 @@ def training_set(rm, labels: Labels, train_encoded: list[dict], encode, pad_toke
 
 
 def held_out_metrics(model, labels: Labels, train_encoded, heldout_encoded, pad_token_id: int,
-                     families: dict) -> tuple[dict, float]:
+                     families: dict, scores=score) -> tuple[dict, float]:
     """Held-out accuracy / AUC at the threshold fitted on the training labels, per question group,
-    the fit of the training labels, within-question ranking and the labels' noise; and the threshold."""
-    train_scores = score(model, train_encoded, pad_token_id)
+    the fit of the training labels, within-question ranking and the labels' noise; and the threshold.
+    `scores(model, encoded, pad_token_id)`: the rewards of encoded rows (the reward model's form)."""
+    train_scores = scores(model, train_encoded, pad_token_id)
     threshold = fit_threshold(train_scores, [r["target"] for r in labels.train_rows])
-    heldout_scores = score(model, heldout_encoded, pad_token_id)
+    heldout_scores = scores(model, heldout_encoded, pad_token_id)
     metrics = binary_metrics(heldout_scores, [r["target"] for r in labels.heldout_rows], threshold)
     metrics["by_group"] = group_accuracy(labels.heldout_rows, heldout_scores, threshold, families)
     train_fit = binary_metrics(train_scores, [r["target"] for r in labels.train_rows], threshold)
@@ -156,16 +172,27 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     labels = read_labels(config, labels_dir)
     processor = AutoProcessor.from_pretrained(base)
     tokenizer = processor.tokenizer
-    model = RewardModel.from_sft(base)
-    model.config.facts_template = labels.facts_template  # saved with the model: scoring reads the same facts
     images = ImageCache(processor.image_processor, labels.image_root)
-    encode = lambda rs: encode_rows(rs, tokenizer, images, config.data.prompt_template, config.data.answer_template,
-                                    model.config.image_seq_length, config.data.max_length, labels.facts_template)
+    data = config.data
+    if rm.objective == "likelihood":  # the policy's own LM: the answer's probability is the reward
+        model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+        prompt = lambda row: reward_prompt(data.prompt_template, row["question"])
+        encode = lambda rs: encode_judged_rows(rs, tokenizer, images, prompt, data.answer_template,
+                                               model.config.image_seq_length, data.max_length)
+        scores = answer_probabilities
+    else:
+        model = RewardModel.from_sft(base)
+        model.config.facts_template = labels.facts_template  # saved with the model: scoring reads the same facts
+        encode = lambda rs: encode_rows(rs, tokenizer, images, data.prompt_template, data.answer_template,
+                                        model.config.image_seq_length, data.max_length, labels.facts_template)
+        scores = score
     train_encoded, heldout_encoded = encode(labels.train_rows), encode(labels.heldout_rows)
     dataset, collator = training_set(rm, labels, train_encoded, encode, tokenizer.pad_token_id)
     set_trainable(model, rm)
     if rm.lora.enabled:
-        model = apply_lora(model, rm, task_type=None, extra_modules_to_save=["score"])  # the new head trains fully
+        # a scalar head is new and trains fully; the likelihood model has none
+        model = apply_lora(model, rm, task_type=None,
+                           extra_modules_to_save=[] if rm.objective == "likelihood" else ["score"])
     if is_main_process():
         positives = sum(r["target"] for r in labels.train_rows)
         print(f"rm: {len(labels.train_rows)} training labels ({positives} correct), {len(labels.heldout_rows)} held "
@@ -185,7 +212,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     final_model = trainer.model.merge_and_unload() if isinstance(trainer.model, PeftModel) else trainer.model
     families = question_families(labels.image_root)
     metrics, threshold = held_out_metrics(final_model, labels, train_encoded, heldout_encoded, tokenizer.pad_token_id,
-                                          families)
+                                          families, scores)
     metrics.update({
         "soft_targets": rm.soft_targets, "objective": rm.objective, "labels": str(labels_dir), "base": str(base),
         "train_labels": len(labels.train_rows), "heldout_labels": len(labels.heldout_rows),
@@ -197,35 +224,43 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     with gathered_parameters(trainer):  # ZeRO-3: whole weights, so rank 0 alone can sample and score
         if trainer.is_world_process_zero():
             save_reward_model(final_model, processor, out_dir / "final", to_dict(config))
-            if rm.best_of_n:
-                metrics["best_of_n"] = best_of_n_on_eval_split(config, final_model, processor, threshold,
-                                                               bool(labels.facts_template))
+            metrics.update(eval_split_diagnostics(config, final_model, processor, threshold,
+                                                  bool(labels.facts_template)))
             write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
-def best_of_n_on_eval_split(config: RunConfig, reward_model, processor, threshold: float, facts: bool) -> dict:
-    """rm.best_of_n answers sampled by the policy RL starts from for the first rm.best_of_n_questions
-    questions of eval.split, picked by this reward model (rewards/diagnostics.py)."""
-
+def eval_split_diagnostics(config: RunConfig, reward_model, processor, threshold: float, facts: bool) -> dict:
+    """What the reward knows on eval.split: `candidate_top1` (every candidate answer of each question's
+    family scored, for the first rm.candidate_questions questions: is the best one on top?) and
+    `best_of_n` (rm.best_of_n answers sampled by the policy RL starts from for the first
+    rm.best_of_n_questions questions, picked by this reward). rewards/diagnostics.py."""
     rm, data = config.rm, config.data
+    records = [r for r in load_split(config.data_dir, "vqa", config.eval.split) if check_vqa_record(r) is None]
+    captions = captions_by_image(config.data_dir)
+    pixels = ImageCache(processor.image_processor, config.data_dir)
+    reward_class = LikelihoodReward if isinstance(reward_model, LlavaForConditionalGeneration) else (
+        FactModelReward if facts else ModelReward)
+    reward = reward_class(reward_model, processor.tokenizer, pixels, data.prompt_template, data.answer_template,
+                          data.max_length, threshold)
+    reward.name = "fact_model" if facts else "model"
+    out = {}
+    if rm.candidate_questions:
+        out["candidate_top1"] = candidate_top1(reward, records[:rm.candidate_questions], family_candidates(records),
+                                               captions)
     policy_dir = config.ppo_policy
+    if not rm.best_of_n:
+        return out
     if not (policy_dir / "config.json").is_file():
         print(f"rm: best-of-n skipped: no policy at {policy_dir}", flush=True)
-        return {}
+        return out
     policy, policy_processor = load_model(policy_dir)
-    records = [r for r in load_split(config.data_dir, "vqa", config.eval.split) if check_vqa_record(r) is None]
-    records = records[:rm.best_of_n_questions]
-    pixels = ImageCache(processor.image_processor, config.data_dir)
-    reward = (FactModelReward if facts else ModelReward)(
-        reward_model, processor.tokenizer, pixels, data.prompt_template, data.answer_template, data.max_length,
-        threshold)
-    reward.name = "fact_model" if facts else "model"
     images = image_source(data.feature_cache, config.data_dir, policy_processor, policy, True, str(policy_dir))
     sampling = replace(config.eval.decoding, strategy="sample", temperature=config.sample.temperature,
                        top_p=config.sample.top_p, max_new_tokens=config.sample.max_new_tokens)
-    return best_of_n(policy, policy_processor, reward, records, images, captions_by_image(config.data_dir), data,
-                     sampling, rm.best_of_n, config.eval.batch_size, seed=config.seed)
+    out["best_of_n"] = best_of_n(policy, policy_processor, reward, records[:rm.best_of_n_questions], images, captions,
+                                 data, sampling, rm.best_of_n, config.eval.batch_size, seed=config.seed)
+    return out
 
 
 def save_reward_model(model, processor, out_dir: Path, run_config: dict) -> None:
@@ -252,6 +287,11 @@ def summary(metrics: dict) -> str:
         lines.append(f"  best of {bon['n']} ({bon['questions']} eval questions, VQA accuracy): greedy {bon['greedy']}, "
                      f"reward's pick {bon['reward']}, random sample {bon['random']}, majority vote {bon['majority']}, "
                      f"oracle {bon['oracle']}")
+    probe = metrics.get("candidate_top1")
+    if probe and probe["overall"] is not None:
+        families = ", ".join(f"{family} {value:.1f}" for family, value in probe["by_family"].items())
+        lines.append(f"  candidate probe (every answer of the family scored; best on top): {probe['overall']:.2f}% of "
+                     f"{probe['questions']} eval questions ({families})")
     for name in ("similarity", "exact_match"):
         baseline = metrics["baselines"].get(name)
         if baseline:

@@ -30,6 +30,7 @@ from vlm.config import RunConfig, to_dict
 from vlm.data import (
     RejectLog,
     SupervisedDataset,
+    answer_carrying,
     caption_items,
     load_split,
     split_exists,
@@ -110,12 +111,16 @@ def setup_data(config: RunConfig, processor, model, work_dir: Path, tasks: froze
     items, caption_examples, sources = [], [], []
     if "vqa" in tasks:
         vqa_train = load_split(config.data_dir, "vqa", data.train_split)
+        if data.answer_images:
+            vqa_train = answer_carrying(vqa_train, data.answer_images)
         if data.max_train_samples:
             vqa_train = vqa_train.select(range(min(data.max_train_samples, len(vqa_train))))
         sources.append(str(config.data_dir / "vqa" / data.train_split))
         items = list(vqa_items(vqa_train, data, sources[-1], rejects))
     if "captions" in tasks:
         captions = load_split(config.data_dir, "captions", data.train_split)
+        if data.answer_images:
+            captions = answer_carrying(captions, data.answer_images)
         if "vqa" in tasks:  # the mix: caption_ratio captions per VQA question, drawn at random
             count = int(len(vqa_train) * data.caption_ratio)
             rng = random.Random(config.seed)

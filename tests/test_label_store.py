@@ -157,7 +157,7 @@ def test_autolabel_uses_the_official_metric_and_reports_agreement(tmp_path):
     store = make_store(tmp_path, n=2, gt=["red"] * 8 + ["dark red"] * 2)
     store.add_samples(tmp_path, [{"question_id": "q5", "image": "images/5.png", "question": "Q?", "answer": "x"}])
     counts = store.autolabel(0.6)
-    assert counts == {"written": 4, "unchanged": 0, "correct": 2, "incorrect": 2, "no_ground_truth": 1}
+    assert counts == {"written": 4, "unchanged": 0, "correct": 2, "incorrect": 2, "flipped": 0, "no_ground_truth": 1}
     labels = {r["sample_id"]: r["label"] for r in store.current_labels()}
     assert labels == {1: "correct", 2: "incorrect", 3: "correct", 4: "incorrect"}
     assert store.autolabel(0.6)["written"] == 0  # a re-run adds nothing

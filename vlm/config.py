@@ -94,6 +94,11 @@ class DataConfig:
     # VQA v2 train held out of SFT).
     rl_split: str = "rl"
     max_train_samples: int | None = None
+    # Written answers are scarce: only the first N images of the train split carry them (their VQA
+    # answers and captions are what SFT learns from); None: every train image. The vision stage still
+    # reads every train image's captions (standing in for CLIP's web pretraining). The default run
+    # sets it: few written answers, many cheap judgments on the rl images (docs: RLHF).
+    answer_images: int | None = None
     # Prompt formats; {question} is filled in, the answer follows the prompt.
     prompt_template: str = "USER: <image>\n{question}\nASSISTANT:"
     answer_template: str = " {answer}"
@@ -187,7 +192,10 @@ class InstructConfig(TrainConfig):
 @dataclass
 class RewardTrainConfig(TrainConfig):
     """Reward model training (`rm:`): TrainConfig's fields plus what the labels need."""
-    objective: Literal["pointwise", "pairwise"] = "pointwise"  # pointwise (BCE on correct / incorrect) | pairwise (correct vs incorrect, same question)
+    # pointwise: a scalar head on the policy's backbone, BCE on correct / incorrect | pairwise: that head,
+    # correct vs incorrect answers to one question | likelihood: the policy's own LM scores an answer by
+    # the probability it gives it, trained by BCE on that probability (rewards/answer_likelihood.py)
+    objective: Literal["pointwise", "pairwise", "likelihood"] = "pointwise"
     labels: str | None = None  # an export dir (vqa-rlhf label export); default: exported from sample.db
     base: str | None = None  # the VLM whose backbone the reward model starts from; default: <run>/sft/final
     heldout_fraction: float = 0.2  # labels held out for evaluation, split by image
@@ -201,6 +209,9 @@ class RewardTrainConfig(TrainConfig):
     soft_targets: bool = False
     best_of_n: int = 8  # diagnostics: best-of-n by the reward on held-out questions (0: off)
     best_of_n_questions: int = 400  # of the eval split, the first N questions
+    # diagnostics: for the eval split's first N questions, every candidate answer of the question's family
+    # (the answers that family has) is scored; `candidate_top1` is how often the best is on top (0: off)
+    candidate_questions: int = 800
 
 
 @dataclass
@@ -304,6 +315,9 @@ class AutolabelConfig:
     # An answer is auto-labeled correct when its official VQA accuracy against the
     # question's ground truth is at least this (0.6: at least two of ten annotators gave it).
     min_accuracy: float = 0.6
+    # The simulated labeler errs on this share of the answers (the label flipped; which ones is fixed by
+    # the run's seed and the sample id): robustness to careless labelers, measured rather than assumed.
+    error_rate: float = 0.0
 
 
 @dataclass
@@ -547,6 +561,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path or 'config'}: {exc}") from None
     _expand_run_dir(config, config.run_dir)
     _check_stages(config)
+    _check_ranges(config)
     return config
 
 
@@ -562,6 +577,16 @@ def _expand_run_dir(section, run_dir: Path) -> None:
             _expand_run_dir(value, run_dir)
         elif isinstance(value, str) and RUN_DIR in value:
             setattr(section, f.name, value.replace(RUN_DIR, str(run_dir)))
+
+
+def _check_ranges(config: RunConfig) -> None:
+    """Values a type cannot rule out, checked before any stage starts (the error names the key)."""
+    if config.data.answer_images is not None and config.data.answer_images < 1:
+        raise ConfigError(f"config key 'data.answer_images' must be at least 1 (or null: every train image), "
+                          f"got {config.data.answer_images}")
+    if not 0.0 <= config.autolabel.error_rate < 0.5:
+        raise ConfigError(f"config key 'autolabel.error_rate' must be in [0, 0.5) (the share of labels the simulated "
+                          f"labeler gets wrong), got {config.autolabel.error_rate}")
 
 
 def _check_stages(config: RunConfig) -> None:

@@ -461,6 +461,18 @@ def load_split(dataset_dir: Path, kind: str, split: str):
     return dataset[split]
 
 
+def answer_carrying(split, images: int):
+    """The records of a split's first `images` images (sorted by path, so a VQA split and a captions
+    split of the same images agree): the images whose written answers SFT may learn from
+    (data.answer_images). More images than the split holds is an error naming the key."""
+    ordered = sorted(set(split["image"]))
+    if images > len(ordered):
+        raise ValueError(f"config key 'data.answer_images' is {images}, but the train split has only "
+                         f"{len(ordered)} images")
+    keep = set(ordered[:images])
+    return split.select([i for i, image in enumerate(split["image"]) if image in keep])
+
+
 def captions_by_image(dataset_dir: Path) -> dict[str, str]:
     """Each image's reference facts: its captions (every split; several joined by a space, as
     COCO's five are), by image path. {} when the dataset has no captions/."""

@@ -1,0 +1,175 @@
+"""Judgments that teach (the default run's regime): few written answers, a simulated labeler that can
+err, the likelihood reward model, and the probe of what a reward knows."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.test_label_store import make_store
+from tests.test_reward_model import planted_labels
+
+
+def config_with(overrides, *extra):
+    from vlm.config import load_config
+
+    return load_config(REPO / "configs/default.yaml", [*overrides, *extra])
+
+
+# ---------------------------------------------------------------- few written answers
+
+def test_answer_images_keeps_the_records_of_the_first_images_of_a_split(tiny_data_dir):
+    from vlm.data import answer_carrying, load_split
+
+    for kind in ("vqa", "captions"):
+        split = load_split(tiny_data_dir, kind, "train")
+        kept = answer_carrying(split, 3)
+        first_three = sorted(set(split["image"]))[:3]
+        assert sorted(set(kept["image"])) == first_three
+        assert len(kept) == sum(image in first_three for image in split["image"])  # every record of those images
+    with pytest.raises(ValueError, match="data.answer_images.*only 30 images"):
+        answer_carrying(load_split(tiny_data_dir, "vqa", "train"), 31)
+
+
+def test_sft_learns_only_from_the_answer_carrying_images(tiny_overrides, tiny_processor, tiny_model, tmp_path):
+    from stages.sft import setup_data
+
+    config = config_with(tiny_overrides, "data.answer_images=2")
+    dataset, *_ = setup_data(config, tiny_processor, tiny_model, tmp_path, frozenset({"vqa", "captions"}))
+    # 2 images x 4 questions + int(8 * caption_ratio) captions drawn from those two images' captions
+    assert len(dataset) == 8 + int(8 * config.data.caption_ratio)
+
+
+@pytest.mark.parametrize("key,value", [("data.answer_images", 0), ("autolabel.error_rate", 0.5)])
+def test_out_of_range_settings_are_config_errors_naming_the_key(key, value):
+    from vlm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(REPO / "configs/default.yaml", [f"{key}={value}"])
+
+
+# ---------------------------------------------------------------- a labeler who errs
+
+def test_autolabel_error_rate_flips_a_fixed_share_of_the_labels(tmp_path):
+    exact = make_store(tmp_path / "exact", n=200)  # 400 samples: "red" correct, "blue" incorrect
+    exact.autolabel(0.6)
+    truth = {r["sample_id"]: r["label"] for r in exact.current_labels()}
+    noisy = make_store(tmp_path / "noisy", n=200)
+    counts = noisy.autolabel(0.6, error_rate=0.1, seed=3)
+    labels = {r["sample_id"]: r["label"] for r in noisy.current_labels()}
+    flipped = sum(labels[s] != truth[s] for s in truth)
+    assert counts["flipped"] == flipped and 20 <= flipped <= 60  # about 10% of 400
+    assert noisy.autolabel(0.6, error_rate=0.1, seed=3)["written"] == 0  # the same ones again: nothing to write
+    assert make_store(tmp_path / "again", n=200).autolabel(0.6, error_rate=0.1, seed=3)["flipped"] == flipped
+
+
+# ---------------------------------------------------------------- the likelihood reward model
+
+def test_likelihood_loss_is_binary_cross_entropy_on_the_answer_probability():
+    from rewards.answer_likelihood import likelihood_loss
+
+    log_p = torch.log(torch.tensor([0.9, 0.2, 0.5]))
+    targets = torch.tensor([1.0, 0.0, 0.3])
+    expected = -(torch.tensor([math.log(0.9), math.log(0.8), 0.3 * math.log(0.5) + 0.7 * math.log(0.5)])).mean()
+    torch.testing.assert_close(likelihood_loss(log_p, targets), expected)
+    assert torch.isfinite(likelihood_loss(torch.zeros(1), torch.zeros(1)))  # p = 1 labeled incorrect: finite
+
+
+def test_answer_log_probs_sum_the_answer_and_eos_tokens_only(tiny_model, tiny_processor, tiny_data_dir):
+    from vlm.data import ImageCache
+    from rewards.answer_likelihood import JudgedAnswerCollator, answer_log_probs, encode_judged_rows
+
+    config = config_with([], "model.vision_model=null")
+    images = ImageCache(tiny_processor.image_processor, tiny_data_dir)
+    rows = [{"question_id": "q", "image": "images/train/000000.png", "question": "What colour is the circle?",
+             "answer": answer} for answer in ("red", "two purple")]
+    encoded = encode_judged_rows(rows, tiny_processor.tokenizer, images,
+                                 lambda row: config.data.prompt_template.format(question=row["question"]),
+                                 config.data.answer_template, tiny_model.config.image_seq_length, 128)
+    batch = JudgedAnswerCollator(tiny_processor.tokenizer.pad_token_id)(encoded)
+    tiny_model.eval()
+    with torch.no_grad():
+        got = answer_log_probs(tiny_model, batch)
+        for row, item in enumerate(encoded):  # each row alone, unpadded, summed by hand
+            ids = torch.tensor([item["input_ids"]])
+            logits = tiny_model(input_ids=ids, pixel_values=item["pixel_values"][None]).logits[0]
+            answer = [i for i, label in enumerate(item["labels"]) if label != -100]
+            assert len(answer) == len(tiny_processor.tokenizer(" " + rows[row]["answer"])["input_ids"]) + 1  # + EOS
+            expected = sum(torch.log_softmax(logits[i - 1], -1)[item["input_ids"][i]] for i in answer)
+            torch.testing.assert_close(got[row], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_likelihood_reward_model_learns_the_labels_and_ppo_reads_it_as_the_model_reward(
+        saved_tiny_model, tiny_data_dir, tiny_overrides, tiny_processor, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from vlm.data import ImageCache
+    from rewards.base import RewardContext, RewardInput, build_reward
+    from rewards.model_reward import LikelihoodReward
+    from stages.rm import train
+
+    labels = planted_labels(tiny_data_dir, tmp_path / "labels")
+    config = config_with(tiny_overrides, "rm.objective=likelihood", "rm.steps=40", "rm.batch_size=16", "rm.lr=3e-3",
+                         "rm.warmup_steps=0", "rm.save_steps=100", "rm.logging_steps=10", "rm.heldout_fraction=0.3",
+                         "rm.best_of_n=0", "rm.candidate_questions=6")
+    metrics = train(config, labels, saved_tiny_model, tmp_path / "rm")
+    assert metrics["train_fit"]["accuracy"] >= 90, metrics["train_fit"]  # it fits its own labels
+    assert metrics["objective"] == "likelihood" and 0 < metrics["threshold"] < 1  # a probability's cut
+    assert 0 < metrics["candidate_top1"]["questions"] <= 6  # (a family with one answer in the split is left out)
+    final = tmp_path / "rm" / "final"
+    assert json.loads((final / "config.json").read_text())["model_type"] == "llava"  # stock: loads without our code
+    LlavaForConditionalGeneration.from_pretrained(final)
+
+    pixels = ImageCache(tiny_processor.image_processor, tiny_data_dir)
+    reward = build_reward(config_with(tiny_overrides, f"ppo.reward_model={final}"),
+                          RewardContext(tiny_processor, lambda model: pixels, tiny_data_dir))
+    assert isinstance(reward, LikelihoodReward) and reward.threshold == metrics["threshold"]
+    rows = [json.loads(line) for line in (labels / "labels.jsonl").read_text().splitlines()][:8]
+    scores = reward([RewardInput(str(r["question_id"]), r["image"], r["question"], r["answer"]) for r in rows])
+    assert ((0 <= scores) & (scores <= 1)).all()  # an answer's probability
+    correct = scores[[i for i, r in enumerate(rows) if r["label"] == "correct"]]
+    wrong = scores[[i for i, r in enumerate(rows) if r["label"] == "incorrect"]]
+    assert correct.mean() > wrong.mean()
+
+
+def test_the_likelihood_form_refuses_facts_before_training(saved_tiny_model, tiny_data_dir, tiny_overrides, tmp_path):
+    from stages.rm import train
+
+    labels = planted_labels(tiny_data_dir, tmp_path / "labels")
+    config = config_with(tiny_overrides, "rm.objective=likelihood", "rm.facts=true")
+    with pytest.raises(SystemExit, match="rm.facts.*rm.objective"):
+        train(config, labels, saved_tiny_model, tmp_path / "rm")
+
+
+# ---------------------------------------------------------------- what a reward knows
+
+class _Scores(torch.nn.Module):
+    """A reward from a function of the answer and its record's references."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, inputs):
+        return torch.tensor([float(self.fn(item)) for item in inputs])
+
+
+def test_candidate_probe_scores_every_answer_of_the_family(tiny_data_dir):
+    from vlm.data import load_split
+    from vlm.vqa_metric import vqa_accuracy
+    from rewards.diagnostics import candidate_top1, family_candidates, majority_answer
+
+    records = list(load_split(tiny_data_dir, "vqa", "test"))
+    candidates = family_candidates(records)
+    assert candidates["exists"] == ["no", "yes"] or set(candidates["exists"]) <= {"no", "yes"}
+    oracle = candidate_top1(_Scores(lambda item: vqa_accuracy(item.answer, item.reference_answers)), records,
+                            candidates, {})
+    assert oracle["overall"] == 100.0 and set(oracle["by_family"].values()) == {100.0}
+    blind = candidate_top1(_Scores(lambda item: 0.0), records, candidates, {})  # picks each family's first answer
+    expected = [majority_answer(r["answers"]) == candidates[r["question_family"]][0] for r in records
+                if len(candidates[r["question_family"]]) > 1]
+    assert blind["questions"] == len(expected)
+    assert blind["overall"] == pytest.approx(100.0 * sum(expected) / len(expected), abs=0.01)
