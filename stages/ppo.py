@@ -86,8 +86,9 @@ def evaluate_before_after(config: RunConfig, metrics: dict, work_dir: Path | Non
     compared question by question: paired bootstrap 95% CI of the change, better / worse question
     counts, per question family, and the share of the start's error removed."""
     work_dir = Path(work_dir or config.paths.stage_dir("ppo"))
+    tag = config.round_tag(tag)
     # the eval stage scored the SFT policy right after SFT: reused, not answered again
-    before, before_dir = stored_or_evaluate(config, config.ppo_policy, "ppo-before")
+    before, before_dir = stored_or_evaluate(config, config.ppo_policy, config.round_tag("ppo-before"))
     after = evaluate(config, work_dir / "final", tag)
     metrics.update({"vqa_accuracy_before": before["vqa_accuracy"], "vqa_accuracy_after": after["vqa_accuracy"],
                     "eval_split": after["split"], "eval_count": after["count"],

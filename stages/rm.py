@@ -164,7 +164,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     rm = config.rm
     out_dir = Path(out_dir or config.rm_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base = Path(base or rm.base or config.sft_final)
+    base = Path(base or rm.base or config.round_start_policy)
     labels_dir = labels_dir or (Path(rm.labels) if rm.labels else None)
     if labels_dir is None:
         labels_dir = export_labels_from_store(config, out_dir / "labels")

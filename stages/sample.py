@@ -90,7 +90,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
 
     settings = config.sample
     decoding = sampling_decoding(settings)
-    model_dir = Path(settings.model) if settings.model else config.sft_final
+    model_dir = Path(settings.model) if settings.model else config.round_start_policy
     db_path = config.labels_db
     split = config.sample_split  # default data.rl_split: images SFT never trained on
     records = load_split(config.data_dir, "vqa", split)

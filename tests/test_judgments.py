@@ -173,3 +173,31 @@ def test_candidate_probe_scores_every_answer_of_the_family(tiny_data_dir):
                 if len(candidates[r["question_family"]]) > 1]
     assert blind["questions"] == len(expected)
     assert blind["overall"] == pytest.approx(100.0 * sum(expected) / len(expected), abs=0.01)
+
+
+# ---------------------------------------------------------------- rounds (online RLHF)
+
+def test_rounds_repeat_the_rlhf_stages_each_from_the_previous_rounds_policy(tmp_path):
+    from vlm.pipeline import config_fingerprint, plan_rounds
+
+    stages = ["prep", "sft", "eval", "sample", "autolabel", "rm", "ppo", "instruct"]
+    config = config_with([f"output_root={tmp_path}", "name=r", "rlhf.rounds=3"])
+    plan = plan_rounds(config, stages, ["x=1"])
+    assert [(stage, c.round) for stage, c, _ in plan] == [
+        ("prep", 3), ("sft", 3), ("eval", 3),
+        *[(stage, r) for r in (1, 2, 3) for stage in ("sample", "autolabel", "rm", "ppo")], ("instruct", 3)]
+    by_round = {c.round: (c, o) for stage, c, o in plan if stage == "rm"}
+    run = tmp_path / "r"
+    assert by_round[1][0].round_start_policy == run / "sft" / "final"
+    assert by_round[2][0].round_start_policy == run / "rounds" / "1" / "ppo" / "final"
+    assert by_round[2][0].paths.stage_dir("rm") == run / "rounds" / "2" / "rm"
+    assert by_round[3][0].paths.final("ppo") == run / "ppo" / "final"  # the last round: where instruct reads
+    assert by_round[2][0].ppo_policy == by_round[2][0].round_start_policy
+    assert by_round[2][0].labels_db == run / "labels" / "labels.db"  # one label store: every round's labels
+    assert by_round[2][1] == ["x=1", "rlhf.round=2"]
+    assert by_round[2][0].round_tag("ppo") == "ppo-round2" and by_round[3][0].round_tag("ppo") == "ppo"
+    # more rounds rerun the rounds, not the data, the tower or SFT
+    one = config_with([f"output_root={tmp_path}", "name=r"])
+    assert all(config_fingerprint(one, stage) == config_fingerprint(config, stage) for stage in ("prep", "sft", "eval"))
+    assert config_fingerprint(one, "sample") != config_fingerprint(config, "sample")
+    assert [stage for stage, _, _ in plan_rounds(one, stages, [])] == stages  # one round: the plain pipeline

@@ -321,6 +321,22 @@ class AutolabelConfig:
 
 
 @dataclass
+class RLHFConfig:
+    """Online RLHF (`rlhf:`): sample -> label -> rm -> ppo, repeated from the improved policy, as Llama 2
+    and LLaVA-RLHF iterate (one round cannot get past its policy's own best-of-n). Round r samples
+    and labels answers of round r-1's policy (sample.max_questions per round; the label store keeps
+    every round's, and each round's reward model learns from all of them), trains its reward model
+    from that policy and runs PPO from it. Rounds before the last write <run>/rounds/<r>/<stage>;
+    the last writes <run>/<stage>, where instruct and the report read."""
+    rounds: int = 1
+    round: int = 0  # set by the pipeline for each round's stages (1..rounds); 0: the last round
+
+
+# The stages a round of online RLHF repeats (rlhf.rounds), in pipeline order.
+ROUND_STAGES = ("sample", "autolabel", "rm", "ppo")
+
+
+@dataclass
 class RunConfig:
     name: str = "default"
     output_root: str = "runs"
@@ -340,6 +356,7 @@ class RunConfig:
     autolabel: AutolabelConfig = field(default_factory=AutolabelConfig)
     rm: RewardTrainConfig = field(default_factory=RewardTrainConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -347,7 +364,28 @@ class RunConfig:
 
     @property
     def paths(self) -> RunPaths:
-        return RunPaths(self.run_dir)
+        return RunPaths(self.run_dir, self.round_root(self.round))
+
+    @property
+    def round(self) -> int:
+        """The RLHF round these settings run (1..rlhf.rounds)."""
+        return self.rlhf.round or self.rlhf.rounds
+
+    def round_root(self, round: int) -> Path | None:
+        """Where round `round`'s stages write: <run>/rounds/<round>, None for the last round (<run>)."""
+        return None if round >= self.rlhf.rounds else self.run_dir / "rounds" / str(round)
+
+    def round_tag(self, tag: str) -> str:
+        """An evaluation's tag in this round (<run>/eval/<tag>): `tag` in the last round, `tag-round<r>` before."""
+        return tag if self.round_root(self.round) is None else f"{tag}-round{self.round}"
+
+    @property
+    def round_start_policy(self) -> Path:
+        """The policy this round samples from, builds its reward model on and trains: the SFT model in
+        round 1, the previous round's PPO policy after."""
+        if self.round <= 1:
+            return self.sft_final
+        return RunPaths(self.run_dir, self.round_root(self.round - 1)).final("ppo")
 
     @property
     def data_dir(self) -> Path:
@@ -370,8 +408,8 @@ class RunConfig:
 
     @property
     def ppo_policy(self) -> Path:
-        """The policy RL starts from: ppo.policy, else the run's SFT model."""
-        return Path(self.ppo.policy) if self.ppo.policy else self.sft_final
+        """The policy RL starts from: ppo.policy, else the round's start (the run's SFT model in round 1)."""
+        return Path(self.ppo.policy) if self.ppo.policy else self.round_start_policy
 
     @property
     def ppo_reward_model(self) -> Path:
@@ -407,9 +445,13 @@ class RunPaths:
     """A run directory's layout, named once: every stage writes and reads its own and other
     stages' outputs through these names (the report reads a run dir with no config)."""
     root: Path
+    round_root: Path | None = None  # an RLHF round before the last (RunConfig.round_root): its stages' home
 
     def stage_dir(self, stage: str) -> Path:
-        """<run>/<stage>: a stage's checkpoints, final model, metrics.json and done.json."""
+        """<run>/<stage>: a stage's checkpoints, final model, metrics.json and done.json (a round before
+        the last: <run>/rounds/<r>/<stage> for the stages a round repeats)."""
+        if self.round_root is not None and stage in ROUND_STAGES:
+            return self.round_root / stage
         return self.root / stage
 
     def final(self, stage: str) -> Path:
@@ -584,6 +626,9 @@ def _check_ranges(config: RunConfig) -> None:
     if config.data.answer_images is not None and config.data.answer_images < 1:
         raise ConfigError(f"config key 'data.answer_images' must be at least 1 (or null: every train image), "
                           f"got {config.data.answer_images}")
+    if config.rlhf.rounds < 1 or not 0 <= config.rlhf.round <= config.rlhf.rounds:
+        raise ConfigError(f"config keys 'rlhf.rounds' (at least 1) and 'rlhf.round' (0..rounds, set by the pipeline): "
+                          f"got rounds={config.rlhf.rounds}, round={config.rlhf.round}")
     if not 0.0 <= config.autolabel.error_rate < 0.5:
         raise ConfigError(f"config key 'autolabel.error_rate' must be in [0, 0.5) (the share of labels the simulated "
                           f"labeler gets wrong), got {config.autolabel.error_rate}")

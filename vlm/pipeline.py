@@ -8,6 +8,7 @@ where it stopped (training resumes from its last checkpoint). `./launch.sh` and
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import subprocess
@@ -15,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from vlm.config import STAGES, RunConfig, to_dict
+from vlm.config import ROUND_STAGES, STAGES, RunConfig, to_dict
 from vlm.data import split_exists, training_tasks
 from vlm.files import write_json
 from vlm.report import build_report, print_table
@@ -50,6 +51,8 @@ def config_fingerprint(config: RunConfig, stage: str | None = None) -> str:
     if stage is not None:
         order = list(STAGES)
         later = set(order[order.index(stage) + 1:]) - SHARED_SECTIONS
+        if ROUND_STAGES[0] in later:  # the rounds' section is read from the first round stage on
+            later.add("rlhf")
         settings = {key: value for key, value in settings.items() if key not in later}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -102,15 +105,37 @@ def labeling_instructions(config: RunConfig, config_path: str, overrides: list[s
             f"   then continue: ./launch.sh {' '.join([config_path, *overrides])} --stages {','.join(later)}")
 
 
+def plan_rounds(config: RunConfig, stages: list[str], overrides: list[str]) -> list[tuple[str, RunConfig, list[str]]]:
+    """(stage, its config, its overrides) in the order they run: the stages of an RLHF round
+    (ROUND_STAGES) repeated for each of rlhf.rounds rounds, each with `rlhf.round=<r>`."""
+    if config.rlhf.rounds == 1:
+        return [(stage, config, overrides) for stage in stages]
+    plan: list = []
+    in_round = [stage for stage in stages if stage in ROUND_STAGES]
+    for stage in stages:
+        if stage in ROUND_STAGES and stage != in_round[0]:
+            continue  # placed with the round's first stage
+        if stage not in ROUND_STAGES:
+            plan.append((stage, config, overrides))
+            continue
+        for round in range(1, config.rlhf.rounds + 1):
+            round_config = copy.deepcopy(config)
+            round_config.rlhf.round = round
+            plan += [(name, round_config, [*overrides, f"rlhf.round={round}"]) for name in in_round]
+    return plan
+
+
 def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[str], force: bool) -> int:
     """`config` is `config_path` with `overrides` applied; the stage processes get the path and overrides."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stage in stages:
+    main_overrides = overrides
+    for stage, config, overrides in plan_rounds(config, stages, main_overrides):
         fingerprint = config_fingerprint(config, stage)
         marker = config.paths.done_marker(stage)
+        name = stage if config.rlhf.rounds == 1 else f"{stage} (round {config.round} of {config.rlhf.rounds})"
         if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
-            print(f"== {stage}: done earlier with this config, skipping (--force to rerun)", flush=True)
+            print(f"== {name}: done earlier with this config, skipping (--force to rerun)", flush=True)
             continue
         reason = why_skip(config, stage)
         if reason:
@@ -118,17 +143,17 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
             continue
         set_aside_other_configs_state(config.paths.stage_dir(stage), fingerprint, force)
         command = stage_command(config, stage, config_path, overrides)
-        print(f"== {stage}: {' '.join(command)}", flush=True)
+        print(f"== {name}: {' '.join(command)}", flush=True)
         started = time.perf_counter()
         returncode = subprocess.call(command)
         if returncode != 0:
-            print(f"== {stage} failed (exit {returncode}); fix and re-run: finished stages are kept, "
+            print(f"== {name} failed (exit {returncode}); fix and re-run: finished stages are kept, "
                   f"training resumes from its last checkpoint", file=sys.stderr)
             return returncode
         write_json(marker, {"config": fingerprint, "seconds": round(time.perf_counter() - started, 1)})
         later = stages[stages.index(stage) + 1:]
         if stage == "sample" and "autolabel" not in stages and later:
-            print(labeling_instructions(config, config_path, overrides, later), flush=True)
+            print(labeling_instructions(config, config_path, main_overrides, later), flush=True)
             return 0  # people label now; the run continues with --stages
     report = build_report(run_dir)
     print_table(report)
