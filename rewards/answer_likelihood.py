@@ -20,6 +20,7 @@ transformers, and it can itself answer questions (its greedy answers are a polic
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ def answer_log_probs(model, batch: dict) -> torch.Tensor:
     batch = dict(batch)
     labels = batch.pop("labels")
     batch.pop("targets", None)
+    batch.pop("ref_log_p", None)
     kind = input_kind_of(batch)
     images = batch.pop(kind.key)
     logits = model(**batch, **kind.model_inputs(model, images), use_cache=False).logits
@@ -86,6 +88,27 @@ class JudgedAnswerCollator:
                 "targets": torch.tensor([item["target"] for item in items])}
 
 
+def dpo_loss(log_p: torch.Tensor, ref_log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO on (chosen, rejected) rows stacked chosen-first: -log sigmoid(beta * (chosen's log-ratio to the
+    reference - rejected's))."""
+    ratio = log_p - ref_log_p
+    chosen, rejected = ratio.chunk(2)
+    return -F.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+@dataclass
+class PreferencePairCollator:
+    """(chosen, rejected) encoded rows -> one batch, the chosen rows first, with each row's reference
+    log-probability (`ref_log_p`, computed once by the frozen starting model)."""
+    pad_token_id: int
+
+    def __call__(self, pairs: list[tuple[dict, dict]]) -> dict:
+        rows = [good for good, _ in pairs] + [bad for _, bad in pairs]
+        batch = JudgedAnswerCollator(self.pad_token_id)(rows)
+        batch["ref_log_p"] = torch.tensor([row["ref_log_p"] for row in rows])
+        return batch
+
+
 @torch.no_grad()
 def answer_probabilities(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128,
                          image_key: str = "pixel_values") -> list[float]:
@@ -100,3 +123,9 @@ def answer_probabilities(model, encoded: list[dict], pad_token_id: int, batch_si
         out += answer_log_probs(model, batch).exp().float().cpu().tolist()
     model.train(was_training)
     return out
+
+
+def with_reference_log_probs(model, encoded: list[dict], pad_token_id: int) -> None:
+    """Each row's log p(answer) under `model` as it is now (DPO's frozen reference), in place."""
+    for row, p in zip(encoded, answer_probabilities(model, encoded, pad_token_id)):
+        row["ref_log_p"] = math.log(max(p, 1e-30))

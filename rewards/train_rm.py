@@ -2,7 +2,9 @@
 
 pointwise (default): BCE of the reward (a logit) against the label.
 likelihood: the policy's own LM, BCE of its answer probability against the label
-(rewards/answer_likelihood.py).
+(rewards/answer_likelihood.py); with rm.only_correct, SFT on the answers labeled correct
+(rejection-sampling fine-tuning). dpo: the policy's own LM, DPO on (correct, incorrect) answers to
+one question against the frozen starting model. Both train a policy as much as a reward.
 pairwise: a correct and an incorrect answer to the same question about the same
 image, -logsigmoid(r_correct - r_incorrect) (Bradley-Terry, as TRL's RewardTrainer,
 which is text-only and so cannot be used here).
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from vlm.config import RewardTrainConfig
 from vlm.data import ImageCache, encode_example, pad, vqa_prompt
 from vlm.train import VLMTrainer
-from rewards.answer_likelihood import answer_log_probs, likelihood_loss
+from rewards.answer_likelihood import answer_log_probs, dpo_loss, likelihood_loss
 
 
 def reward_prompt(prompt_template: str, question: str, facts_template: str | None = None,
@@ -96,14 +98,16 @@ def pairwise_loss(rewards: torch.Tensor) -> torch.Tensor:
 class RewardTrainer(VLMTrainer):
     """VLMTrainer (per-part learning rates, checkpoint loading) with the reward losses."""
 
-    def __init__(self, *args, objective: str, **kwargs):
+    def __init__(self, *args, objective: str, dpo_beta: float = 0.1, **kwargs):
         self.objective = objective
+        self.dpo_beta = dpo_beta
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.objective == "likelihood":
+        if self.objective in ("likelihood", "dpo"):
             log_p = answer_log_probs(model, inputs)
-            loss = likelihood_loss(log_p, inputs["targets"])
+            loss = (likelihood_loss(log_p, inputs["targets"]) if self.objective == "likelihood"
+                    else dpo_loss(log_p, inputs["ref_log_p"].to(log_p), self.dpo_beta))
             return (loss, log_p) if return_outputs else loss
         targets = inputs.pop("targets", None)
         rewards = model(**inputs)
@@ -126,11 +130,11 @@ def score(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128) 
 
 
 def check_objective(config: RewardTrainConfig, train_rows: list[dict], preferences: list | None = None) -> None:
-    if config.objective == "pairwise":
+    if config.objective in ("pairwise", "dpo"):
         from rewards.labels_io import pairs_by_question
 
         if not pairs_by_question(train_rows) and not preferences:
-            raise ValueError("rm.objective=pairwise needs questions with both a correct and an incorrect "
+            raise ValueError(f"rm.objective={config.objective} needs questions with both a correct and an incorrect "
                              "labelled answer, or pairwise preferences; the labels have none "
                              "(use rm.objective=pointwise)")
     if {r["target"] for r in train_rows} != {0, 1}:

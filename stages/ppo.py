@@ -33,6 +33,7 @@ Accelerator(), which otherwise runs every rank alone.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 from pathlib import Path
@@ -93,8 +94,25 @@ def evaluate_before_after(config: RunConfig, metrics: dict, work_dir: Path | Non
     metrics.update({"vqa_accuracy_before": before["vqa_accuracy"], "vqa_accuracy_after": after["vqa_accuracy"],
                     "eval_split": after["split"], "eval_count": after["count"],
                     **compare_evaluations(before_dir, config.paths.eval_dir(tag), seed=config.seed)})
+    if tag == config.round_tag("ppo"):  # the run's RL, not a control: what all rounds so far bought over SFT
+        sft, sft_dir = stored_or_evaluate(config, config.sft_final, config.round_tag("sft-again"))
+        metrics["vs_sft"] = {"vqa_accuracy_before": sft["vqa_accuracy"], "round": config.round,
+                             **compare_evaluations(sft_dir, config.paths.eval_dir(tag), seed=config.seed)}
+        if config.rlhf.reference_report:
+            metrics["reference"] = reference_line(Path(config.rlhf.reference_report))
     write_json(work_dir / "metrics.json", metrics)
     return metrics
+
+
+def reference_line(report_path: Path) -> dict:
+    """The all-answers run's SFT test accuracy from its stored report (rlhf.reference_report), with
+    where it comes from; a missing or unreadable report is said, not an error at the end of a run."""
+    try:
+        report = json.loads(report_path.read_text())
+        return {"vqa_accuracy": report["stages"]["sft"]["vqa_accuracy"], "source": str(report_path),
+                **{key: report[key] for key in ("provenance",) if key in report}}
+    except (OSError, ValueError, KeyError) as exc:
+        return {"vqa_accuracy": None, "source": str(report_path), "error": f"{type(exc).__name__}: {exc}"}
 
 
 def oracle_control(config: RunConfig) -> dict:

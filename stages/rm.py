@@ -46,7 +46,13 @@ from vlm.train import (
     training_arguments,
 )
 from vlm.vqa_metric import vqa_accuracy
-from rewards.answer_likelihood import JudgedAnswerCollator, answer_probabilities, encode_judged_rows
+from rewards.answer_likelihood import (
+    JudgedAnswerCollator,
+    PreferencePairCollator,
+    answer_probabilities,
+    encode_judged_rows,
+    with_reference_log_probs,
+)
 from rewards.baselines import evaluate_baselines, group_accuracy
 from rewards.diagnostics import best_of_n, candidate_top1, family_candidates, label_noise, ranking_accuracy
 from rewards.label_store import LabelStore
@@ -98,7 +104,7 @@ def read_labels(config: RunConfig, labels_dir: Path) -> Labels:
     rm = config.rm
     rows, image_root = load_labels(labels_dir)
     facts_template = captions = None
-    if rm.facts and rm.objective == "likelihood":
+    if rm.facts and rm.objective in ("likelihood", "dpo"):
         raise SystemExit("error: config keys 'rm.facts' and 'rm.objective': the likelihood reward model reads the "
                          "policy's own prompt, without facts (set rm.facts=false or rm.objective=pointwise)")
     if rm.facts:
@@ -128,7 +134,13 @@ def training_set(rm, labels: Labels, train_encoded: list[dict], encode, pad_toke
     """(dataset, collator): every training label (pointwise), or correct-vs-incorrect pairs of a
     question plus people's preferences (pairwise)."""
     if rm.objective == "likelihood":
+        if rm.only_correct:  # rejection-sampling fine-tuning: SFT on the answers labeled correct
+            return [row for row in train_encoded if row["target"] >= 0.5], JudgedAnswerCollator(pad_token_id)
         return train_encoded, JudgedAnswerCollator(pad_token_id)
+    if rm.objective == "dpo":
+        index = {id(r): e for r, e in zip(labels.train_rows, train_encoded)}
+        return ([(index[id(good)], index[id(bad)]) for good, bad in pairs_by_question(labels.train_rows)],
+                PreferencePairCollator(pad_token_id))
     if rm.objective != "pairwise":
         return train_encoded, PointwiseCollator(pad_token_id)
     index = {id(r): e for r, e in zip(labels.train_rows, train_encoded)}
@@ -174,7 +186,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     tokenizer = processor.tokenizer
     images = ImageCache(processor.image_processor, labels.image_root)
     data = config.data
-    if rm.objective == "likelihood":  # the policy's own LM: the answer's probability is the reward
+    if rm.objective in ("likelihood", "dpo"):  # the policy's own LM: the answer's probability is the reward
         model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
         prompt = lambda row: reward_prompt(data.prompt_template, row["question"])
         encode = lambda rs: encode_judged_rows(rs, tokenizer, images, prompt, data.answer_template,
@@ -187,12 +199,14 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
                                         model.config.image_seq_length, data.max_length, labels.facts_template)
         scores = score
     train_encoded, heldout_encoded = encode(labels.train_rows), encode(labels.heldout_rows)
+    if rm.objective == "dpo":  # the frozen reference: the starting model's log p of every training answer
+        with_reference_log_probs(model, train_encoded, tokenizer.pad_token_id)
     dataset, collator = training_set(rm, labels, train_encoded, encode, tokenizer.pad_token_id)
     set_trainable(model, rm)
     if rm.lora.enabled:
         # a scalar head is new and trains fully; the likelihood model has none
         model = apply_lora(model, rm, task_type=None,
-                           extra_modules_to_save=[] if rm.objective == "likelihood" else ["score"])
+                           extra_modules_to_save=[] if rm.objective in ("likelihood", "dpo") else ["score"])
     if is_main_process():
         positives = sum(r["target"] for r in labels.train_rows)
         print(f"rm: {len(labels.train_rows)} training labels ({positives} correct), {len(labels.heldout_rows)} held "
@@ -203,7 +217,8 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     clock = TrainingClock()
     trainer = RewardTrainer(
         model=model, args=training_arguments(rm, checkpoints, config.seed), train_dataset=dataset,
-        data_collator=collator, part_lrs=part_learning_rates(rm), objective=rm.objective, callbacks=[clock],
+        data_collator=collator, part_lrs=part_learning_rates(rm), objective=rm.objective, dpo_beta=rm.dpo_beta,
+        callbacks=[clock],
     )
     resume_from = last_complete_checkpoint(checkpoints) if rm.resume else None
     if resume_from and is_main_process():
@@ -214,7 +229,8 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     metrics, threshold = held_out_metrics(final_model, labels, train_encoded, heldout_encoded, tokenizer.pad_token_id,
                                           families, scores)
     metrics.update({
-        "soft_targets": rm.soft_targets, "objective": rm.objective, "labels": str(labels_dir), "base": str(base),
+        "soft_targets": rm.soft_targets, "objective": rm.objective, "only_correct": rm.only_correct,
+        "labels": str(labels_dir), "base": str(base),
         "train_labels": len(labels.train_rows), "heldout_labels": len(labels.heldout_rows),
         "preference_pairs": len(labels.preferences), "steps": trainer.state.global_step,
         "train_loss": mean_logged_loss(trainer.state.log_history), "seconds": round(clock.seconds, 2),  # across resumes

@@ -201,3 +201,45 @@ def test_rounds_repeat_the_rlhf_stages_each_from_the_previous_rounds_policy(tmp_
     assert all(config_fingerprint(one, stage) == config_fingerprint(config, stage) for stage in ("prep", "sft", "eval"))
     assert config_fingerprint(one, "sample") != config_fingerprint(config, "sample")
     assert [stage for stage, _, _ in plan_rounds(one, stages, [])] == stages  # one round: the plain pipeline
+
+
+# ---------------------------------------------------------------- the peers' objectives
+
+def test_dpo_loss_is_log_sigmoid_of_the_margin_of_log_ratios():
+    from rewards.answer_likelihood import dpo_loss
+
+    ref = torch.log(torch.tensor([0.5, 0.5]))  # chosen, rejected
+    assert dpo_loss(ref, ref, beta=0.1) == pytest.approx(math.log(2))  # no change from the reference: log 2
+    moved = torch.log(torch.tensor([0.9, 0.1]))  # chosen up, rejected down
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(0.1 * (math.log(0.9 / 0.5) - math.log(0.1 / 0.5))))
+    torch.testing.assert_close(dpo_loss(moved, ref, beta=0.1), expected)
+
+
+@pytest.mark.parametrize("objective,only_correct", [("likelihood", True), ("dpo", False)])
+def test_rejection_sampling_and_dpo_train_the_policy_on_the_labels(objective, only_correct, saved_tiny_model,
+                                                                   tiny_data_dir, tiny_overrides, tmp_path,
+                                                                   monkeypatch):
+    from stages import rm as rm_stage
+
+    seen = {}
+
+    class Capturing(rm_stage.RewardTrainer):
+        def __init__(self, *args, train_dataset, **kwargs):
+            seen["dataset"] = list(train_dataset)
+            super().__init__(*args, train_dataset=train_dataset, **kwargs)
+
+    monkeypatch.setattr(rm_stage, "RewardTrainer", Capturing)
+    labels = planted_labels(tiny_data_dir, tmp_path / "labels")
+    config = config_with(tiny_overrides, f"rm.objective={objective}", f"rm.only_correct={str(only_correct).lower()}",
+                         "rm.steps=20", "rm.batch_size=8", "rm.lr=3e-3", "rm.warmup_steps=0", "rm.best_of_n=0",
+                         "rm.candidate_questions=0", "rm.heldout_fraction=0.3")
+    metrics = rm_stage.train(config, labels, saved_tiny_model, tmp_path / "out")
+    if objective == "likelihood":  # SFT on the answers labeled correct, and on nothing else
+        assert seen["dataset"] and all(row["target"] == 1.0 for row in seen["dataset"])
+    else:  # (correct, incorrect) pairs of one question, each with its reference log p from the starting model
+        good, bad = seen["dataset"][0]
+        assert good["target"] == 1.0 and bad["target"] == 0.0 and good["ref_log_p"] < 0 and bad["ref_log_p"] < 0
+    assert metrics["objective"] == objective and metrics["only_correct"] == only_correct
+    from vlm.model import load_model
+
+    load_model(tmp_path / "out" / "final")  # a policy: a stock Llava model with its processor

@@ -195,7 +195,13 @@ class RewardTrainConfig(TrainConfig):
     # pointwise: a scalar head on the policy's backbone, BCE on correct / incorrect | pairwise: that head,
     # correct vs incorrect answers to one question | likelihood: the policy's own LM scores an answer by
     # the probability it gives it, trained by BCE on that probability (rewards/answer_likelihood.py)
-    objective: Literal["pointwise", "pairwise", "likelihood"] = "pointwise"
+    # dpo: the policy's own LM trained by DPO on (correct, incorrect) pairs of a question (a policy, for the
+    # peers of `vqa-rlhf bench rlhf`; as a reward it reads like likelihood)
+    objective: Literal["pointwise", "pairwise", "likelihood", "dpo"] = "pointwise"
+    dpo_beta: float = 0.1
+    # Train on the answers labeled correct only: with objective=likelihood that is SFT on them, i.e.
+    # rejection-sampling fine-tuning (ReST / RAFT), the simple peer RLHF must beat
+    only_correct: bool = False
     labels: str | None = None  # an export dir (vqa-rlhf label export); default: exported from sample.db
     base: str | None = None  # the VLM whose backbone the reward model starts from; default: <run>/sft/final
     heldout_fraction: float = 0.2  # labels held out for evaluation, split by image
@@ -330,6 +336,9 @@ class RLHFConfig:
     the last writes <run>/<stage>, where instruct and the report read."""
     rounds: int = 1
     round: int = 0  # set by the pipeline for each round's stages (1..rounds); 0: the last round
+    # The reference line the report sets RLHF against: a stored report.json of the same task with written
+    # answers for every training image (configs/full-answers.yaml); None: no reference line.
+    reference_report: str | None = None
 
 
 # The stages a round of online RLHF repeats (rlhf.rounds), in pipeline order.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlm.config import STAGES, RunPaths
+from vlm.config import ROUND_STAGES, STAGES, RunPaths
 from vlm.files import write_json
 
 
@@ -77,7 +77,8 @@ def _rm_entry(paths: RunPaths, baselines: dict) -> dict | None:
                           for name in ("similarity", "exact_match") if name in rm["baselines"]},
             "similarity_failures": rm["baselines"].get("similarity", {}).get("failures", []),
             # does the reward know more than the policy (rewards/diagnostics.py)
-            **{key: rm.get(key) for key in ("ranking_accuracy", "best_of_n", "train_fit", "label_noise")},
+            **{key: rm.get(key) for key in ("ranking_accuracy", "best_of_n", "train_fit", "label_noise",
+                                            "candidate_top1")},
         }
     fact = _read(paths.metrics("rm-fact"))  # rm.facts=true: the fact-augmented reward model
     if fact:
@@ -98,6 +99,59 @@ def _ppo_entry(paths: RunPaths, baselines: dict) -> dict | None:
         "algo", "reward", "prompt_split", "vqa_accuracy_before", "vqa_accuracy_after", "error_removed", "ci95",
         "better", "worse", "by_family", "oracle_control", "mean_reward", "kl", "seconds", "updates",
         "hacking_alarm_at", "kept_because", "checkpoint")}
+
+
+def _rlhf_entry(paths: RunPaths) -> dict | None:
+    """What RLHF bought over the SFT model it started from, all rounds together (`stages.rlhf`):
+    the start, the reference line (every training image with written answers), and per method its
+    test accuracy, paired 95% CI of the change, share of the error removed, labels and seconds. The
+    run itself runs the mission's path, `ppo` (labels -> reward model -> PPO); `vqa-rlhf bench rlhf`
+    runs the others on the same labels."""
+    ppo, sft_eval = _read(paths.metrics("ppo")), _read(paths.eval_metrics("sft"))
+    if not (ppo and sft_eval and ppo.get("vs_sft")):
+        return None
+    rounds_root = paths.root / "rounds"
+    earlier = sorted(int(p.name) for p in rounds_root.glob("*") if p.name.isdigit()) if rounds_root.is_dir() else []
+    round_paths = [RunPaths(paths.root, rounds_root / str(r)) for r in earlier] + [paths]
+    seconds = sum(marker["seconds"] for rp in round_paths for stage in ROUND_STAGES
+                  if (marker := _read(rp.done_marker(stage))))
+    rm = _read(paths.metrics("rm"))
+    by_round = []
+    for number, rp in enumerate(round_paths, 1):
+        round_ppo = _read(rp.metrics("ppo"))
+        if round_ppo and round_ppo.get("vs_sft"):
+            vs = round_ppo["vs_sft"]
+            round_rm = _read(rp.metrics("rm")) or {}
+            by_round.append({"round": number, "test": round_ppo["vqa_accuracy_after"], "ci95": vs["ci95"],
+                             "error_removed": vs["error_removed"],
+                             "labels": (round_rm.get("train_labels") or 0) + (round_rm.get("heldout_labels") or 0),
+                             "candidate_top1": (round_rm.get("candidate_top1") or {}).get("overall")})
+    vs = ppo["vs_sft"]
+    return {
+        "start": sft_eval["vqa_accuracy"],
+        "reference": ppo.get("reference"),
+        "methods": {"ppo": {
+            "test": ppo["vqa_accuracy_after"], "change": vs["change"], "ci95": vs["ci95"],
+            "error_removed": vs["error_removed"], "better": vs["better"], "worse": vs["worse"],
+            "labels": rm and rm["train_labels"] + rm["heldout_labels"], "seconds": round(seconds, 1),
+            "rounds": len(round_paths), "reward": ppo["reward"], "by_round": by_round}},
+        "bench": _read(paths.root / "bench-rlhf" / "table.json"),
+    }
+
+
+def _instruct_change(paths: RunPaths) -> dict | None:
+    """Instruction tuning's effect on VQA, question by question, from the policy it started from."""
+    from vlm.evaluation import compare_evaluations
+
+    after = paths.eval_dir("instruct")
+    before = next((paths.eval_dir(tag) for tag in ("ppo", "sft") if (paths.eval_dir(tag) / "predictions.jsonl").is_file()),
+                  None)
+    if before is None or not (after / "predictions.jsonl").is_file():
+        return None
+    try:
+        return compare_evaluations(before, after)
+    except ValueError:  # evaluated on other questions: no paired comparison
+        return None
 
 
 # Stages whose report entry is more than a few keys of <run>/<stage>/metrics.json (Stage.report):
@@ -125,22 +179,23 @@ def build_report(run_dir: Path) -> dict:
             continue
         if entry:
             report["stages"][name] = entry
+        if stage == "ppo" and (rlhf := _rlhf_entry(paths)):
+            report["stages"]["rlhf"] = rlhf
+        if stage == "instruct" and name in report["stages"] and (change := _instruct_change(paths)):
+            report["stages"][name]["vqa_change"] = {k: change[k] for k in ("change", "ci95", "error_removed")}
     write_json(paths.report_json, report)
     (paths.root / "report.md").write_text(render_markdown(report))
     return report
 
 
 def render_markdown(report: dict) -> str:
-    lines = [f"# Run report: {report['run_dir']}", ""]
-    lines += ["| stage | VQA accuracy | seconds | checkpoint |", "|---|---|---|---|"]
-    for stage, entry in report["stages"].items():
-        lines.append(f"| {stage} | {entry.get('vqa_accuracy', entry.get('vqa_accuracy_after', '-'))} | "
-                     f"{entry.get('seconds', '-')} | "
-                     f"{entry.get('checkpoint', '-')} |")
-    for name, value in report["baselines"].items():
-        lines.append(f"| baseline: {name} | {value} | | |")
+    lines = [f"# Run report: {report['run_dir']}", "",
+             "What each stage bought on the test split (official VQA accuracy; change over the model the stage "
+             "started from, paired bootstrap 95% CI over questions; RLHF against the SFT model):", ""]
+    lines += ["| " + " | ".join(STAGE_COLUMNS) + " |", "|---" * len(STAGE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in stage_rows(report)]
     stages = report["stages"]
-    sections = (("vision", _vision_md), ("sft", _sft_md), ("rm", _rm_md), ("ppo", _ppo_md),
+    sections = (("vision", _vision_md), ("sft", _sft_md), ("rm", _rm_md), ("ppo", _ppo_md), ("rlhf", _rlhf_md),
                 ("instruct", _instruct_md), ("retrieval", _retrieval_md))  # pipeline order
     for name, section in sections:
         entry = stages.get(name)
@@ -202,6 +257,12 @@ def _rm_md(rm: dict) -> list[str]:
                   f"{rm.get('ranking_accuracy')}%; labels that disagree with the majority annotator answer: "
                   f"{(rm.get('label_noise') or {}).get('share')}%; training labels fitted: "
                   f"{(rm.get('train_fit') or {}).get('accuracy')}%."]
+    probe = rm.get("candidate_top1")
+    if probe and probe.get("overall") is not None:
+        lines += ["", f"Does it know the answers? Every candidate answer of each question's family scored, "
+                      f"{probe['questions']} test questions: the best one on top in {probe['overall']}%.", "",
+                  "| " + " | ".join(probe["by_family"]) + " |", "|---" * len(probe["by_family"]) + "|",
+                  "| " + " | ".join(str(v) for v in probe["by_family"].values()) + " |"]
     bon = rm.get("best_of_n")
     if bon:
         lines += ["", f"Best of {bon['n']} sampled answers ({bon['questions']} questions, VQA accuracy):", "",
@@ -241,6 +302,30 @@ def _ppo_md(ppo: dict) -> list[str]:
         lines += [f"Oracle control (same budget, reward = official VQA accuracy): {oracle['vqa_accuracy_after']}, "
                   f"{oracle['error_removed']}% of the error removed.", ""]
     lines += ["![reward, KL and held-out accuracy over PPO updates](ppo/ppo.png)"]
+    return lines
+
+
+def _rlhf_md(rlhf: dict) -> list[str]:
+    """RLHF over the few-answers SFT model: per round, and the peers when `vqa-rlhf bench rlhf` ran."""
+    method = rlhf["methods"]["ppo"]
+    lines = ["", f"## RLHF: judgments -> reward model -> PPO ({method['rounds']} round(s), {method['labels']} labels)",
+             "", f"The SFT model RLHF starts from answers {rlhf['start']} of the test split."]
+    reference = rlhf.get("reference") or {}
+    if reference.get("vqa_accuracy") is not None:
+        lines[-1] += (f" With written answers for every training image it answers {reference['vqa_accuracy']} "
+                      f"(reference: {reference['source']}).")
+    if method["by_round"]:
+        lines += ["", "| round | labels (all rounds) | test VQA | 95% CI of the change over SFT | error removed (%) | "
+                      "reward model's candidate probe (%) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['round']} | {r['labels']} | {r['test']} | {r['ci95'][0]:+}..{r['ci95'][1]:+} | "
+                  f"{r['error_removed']} | {r['candidate_top1']} |" for r in method["by_round"]]
+    bench = rlhf.get("bench")
+    if bench:
+        lines += ["", f"Peers on the same labels (`vqa-rlhf bench rlhf`, {bench.get('command', '')}):", "",
+                  "| method | test VQA | 95% CI of the change | error removed (%) | labels | seconds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['test']} | {m['ci95'][0]:+}..{m['ci95'][1]:+} | {m['error_removed']} | "
+                  f"{m.get('labels', '-')} | {m.get('seconds', '-')} |" for name, m in bench["methods"].items()]
     return lines
 
 
@@ -315,10 +400,43 @@ def plot_ppo(log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def print_table(report: dict) -> None:
-    print(f"\n{'stage':<24}{'VQA accuracy':>14}{'seconds':>10}")
-    for stage, entry in report["stages"].items():
+def stage_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
+    """The report's first table, stage by stage: (stage, test VQA accuracy, change over the model the
+    stage started from with its paired 95% CI, share of the error removed, seconds)."""
+    rows = []
+    stages = report["stages"]
+    for stage, entry in stages.items():
+        if stage == "rlhf":
+            method = entry["methods"]["ppo"]
+            low, high = method["ci95"]
+            rows.append((f"rlhf: ppo, {method['rounds']} round(s), {method['labels']} labels",
+                         f"{method['test']:.2f}", f"{method['change']:+.2f} ({low:+.2f}..{high:+.2f})",
+                         f"{method['error_removed']:.1f}%", f"{method['seconds']:.0f}"))
+            if entry.get("reference") and entry["reference"].get("vqa_accuracy") is not None:
+                rows.append(("reference: every image answered", f"{entry['reference']['vqa_accuracy']:.2f}", "", "", ""))
+            continue
         acc = entry.get("vqa_accuracy", entry.get("vqa_accuracy_after"))
-        print(f"{stage:<24}{acc if acc is not None else '-':>14}{entry.get('seconds', '-'):>10}")
-    for name, value in report["baselines"].items():
-        print(f"{'baseline: ' + name:<24}{value:>14}{'':>10}")
+        change, removed = "", ""
+        if stage == "ppo" and entry.get("ci95"):
+            change = f"{acc - entry['vqa_accuracy_before']:+.2f} ({entry['ci95'][0]:+.2f}..{entry['ci95'][1]:+.2f})"
+            removed = f"{entry['error_removed']:.1f}%"
+        elif entry.get("vqa_change"):
+            c = entry["vqa_change"]
+            change, removed = f"{c['change']:+.2f} ({c['ci95'][0]:+.2f}..{c['ci95'][1]:+.2f})", f"{c['error_removed']:.1f}%"
+        seconds = entry.get("seconds")
+        rows.append((stage, "-" if acc is None else f"{acc:.2f}", change, removed,
+                     "-" if seconds is None else f"{seconds:.0f}"))
+    rows += [(f"baseline: {name}", f"{value}", "", "", "") for name, value in report["baselines"].items()]
+    return rows
+
+
+STAGE_COLUMNS = ("stage", "test VQA", "change (95% CI)", "error removed", "seconds")
+
+
+def print_table(report: dict) -> None:
+    rows = [STAGE_COLUMNS, *stage_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(STAGE_COLUMNS))]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in
+                        enumerate(zip(row, widths))).rstrip())
