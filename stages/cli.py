@@ -46,6 +46,7 @@ SUBGROUPS = {
         "convert": ("bench.convert_vqav2", "VQA v2-sized conversion: seconds, records/s, peak memory"),
         "labels": ("bench.labeling", "labeling app: label submissions/s, next-item latency"),
         "seeds": ("bench.seeds", "vision + SFT + eval for several seeds: test accuracy per family, mean +- sd"),
+        "rlhf": ("bench.rlhf", "ways to learn from judgments side by side on one run's labels: PPO, GRPO, DPO, RFT, controls"),
         "chaos": ("bench.chaos", "SIGKILL a staged run at random moments, resume it, compare with an uninterrupted run"),
     }),
 }

@@ -243,3 +243,35 @@ def test_rejection_sampling_and_dpo_train_the_policy_on_the_labels(objective, on
     from vlm.model import load_model
 
     load_model(tmp_path / "out" / "final")  # a policy: a stock Llava model with its processor
+
+
+def test_bench_rlhf_runs_each_peer_from_the_runs_sft_model_on_its_labels(tmp_path):
+    from bench.rlhf import METHODS, method_overrides, plan
+
+    config = config_with([f"output_root={tmp_path}", "name=r"])
+    run = tmp_path / "r"
+    shared = method_overrides(config, "dpo")
+    assert f"output_root={run / 'bench-rlhf'}" in shared and "name=dpo" in shared
+    assert f"rm.base={run / 'sft' / 'final'}" in shared and f"rm.labels={run / 'rm' / 'labels'}" in shared
+    assert f"ppo.policy={run / 'sft' / 'final'}" in shared and f"ppo.reward_model={run / 'rm' / 'final'}" in shared
+    modules = {}
+    for method in METHODS:
+        if method == "ppo":
+            continue  # read from the run's own report
+        commands, eval_dir = plan(config, method, run / "bench-rlhf" / method)
+        modules[method] = [command[2] for command in commands]
+        assert eval_dir.parent.name == "eval"
+    assert modules == {"grpo": ["stages.ppo"], "rloo": ["stages.ppo"], "verifiable": ["stages.ppo"],
+                       "dpo": ["stages.rm", "stages.evaluate"], "rft": ["stages.rm", "stages.evaluate"],
+                       "judge": ["stages.evaluate"], "ceiling": ["stages.sft", "stages.evaluate"]}
+    rft, _ = plan(config, "rft", run / "bench-rlhf" / "rft")
+    assert "rm.only_correct=true" in rft[0] and "rm.objective=likelihood" in rft[0]
+    ceiling, _ = plan(config, "ceiling", run / "bench-rlhf" / "ceiling")
+    assert "data.train_split=rl" in ceiling[0] and f"model.checkpoint={run / 'sft' / 'final'}" in ceiling[0]
+
+
+def test_bench_rlhf_without_a_finished_run_says_what_to_run(tmp_path):
+    from bench.rlhf import main
+
+    with pytest.raises(SystemExit, match="no finished run.*launch.sh"):
+        main([str(REPO / "configs/default.yaml"), f"output_root={tmp_path}", "--methods", "rft"])

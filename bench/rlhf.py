@@ -1,0 +1,162 @@
+"""Ways to learn from judgments, side by side on one run's labels: which removes most of the
+few-answers SFT model's test error, at what cost in labels and seconds.
+
+    vqa-rlhf bench rlhf [CONFIG] [--methods ppo,grpo,dpo,rft,judge,verifiable,ceiling] [key=value ...]
+
+Reads a finished run of CONFIG (./launch.sh): its SFT model, the labels its last reward model
+learned from (<run>/rm/labels), its reward model and its test evaluation of the SFT model. Each
+method starts from that SFT model in a run of its own, <run>/bench-rlhf/<method>/ (the run's data,
+vision tower and feature cache), is answered greedily on the test split and compared with the SFT
+model question by question (paired bootstrap 95% CI; error removed = share of the SFT model's error).
+
+  ppo         the mission's path, as the run did it: labels -> reward model -> PPO, every round (read)
+  grpo, rloo  trl's GRPO / RLOO against the run's reward model, ppo.steps updates
+  dpo         DPO of the policy on (correct, incorrect) answers to one question (rm.objective=dpo)
+  rft         rejection-sampling fine-tuning: SFT on the answers labeled correct (ReST / RAFT)
+  judge       the run's likelihood reward model answering as a policy (its own greedy answers)
+  verifiable  control: PPO with official VQA accuracy as the reward (a perfect labeler), same budget
+  ceiling     control: SFT on the rl images' written answers (a person answers every rl question)
+
+Writes <run>/bench-rlhf/table.json (the run's report shows it: `vqa-rlhf report <run>`) and prints
+the table. A method that fails prints its error and the bench goes on. Finished methods are kept:
+a re-run measures only the missing ones (--force: all again).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vlm.config import ConfigError, RunConfig, load_config
+from vlm.evaluation import compare_evaluations
+from vlm.files import write_json
+from vlm.stage_cli import DEFAULT_CONFIG, config_path_and_overrides
+
+METHODS = ("ppo", "grpo", "rloo", "dpo", "rft", "judge", "verifiable", "ceiling")
+DEFAULT_METHODS = ("ppo", "grpo", "dpo", "rft", "judge", "verifiable", "ceiling")
+
+
+def method_overrides(config: RunConfig, method: str) -> list[str]:
+    """A method's own run: <run>/bench-rlhf/<method>, reading the run's data, tower, SFT model, labels."""
+    run = config.run_dir
+    return [f"output_root={run / 'bench-rlhf'}", f"name={method}", f"data.dir={config.data_dir}",
+            f"model.vision_model={config.model.vision_model}", f"data.feature_cache={config.data.feature_cache}",
+            f"ppo.policy={config.sft_final}", f"ppo.reward_model={config.paths.final('rm')}",
+            f"rm.labels={config.paths.stage_dir('rm') / 'labels'}", f"rm.base={config.sft_final}",
+            "rm.best_of_n=0", "rm.candidate_questions=0", "rlhf.rounds=1", "ppo.oracle_control=false"]
+
+
+def plan(config: RunConfig, method: str, bench_dir: Path) -> tuple[list[list[str]], Path]:
+    """(commands to run, the evaluation folder of the method's policy)."""
+    stage = lambda module, *extra: [sys.executable, "-m", module, *extra]
+    evaluate = lambda model: stage("stages.evaluate", "--model", str(model), "--tag", "policy")
+    if method in ("grpo", "rloo", "verifiable"):
+        extra = ["ppo.reward=vqa_accuracy"] if method == "verifiable" else [f"ppo.algo={method}"]
+        return [stage("stages.ppo", *extra)], bench_dir / "eval" / "ppo"
+    if method in ("dpo", "rft"):
+        extra = ["rm.objective=dpo", "rm.lr=1.0e-4"] if method == "dpo" else [
+            "rm.objective=likelihood", "rm.only_correct=true"]
+        return [stage("stages.rm", *extra), evaluate(bench_dir / "rm" / "final")], bench_dir / "eval" / "policy"
+    if method == "judge":
+        return [evaluate(config.paths.final("rm"))], bench_dir / "eval" / "policy"
+    if method == "ceiling":
+        extra = [f"model.checkpoint={config.sft_final}", f"data.train_split={config.data.rl_split}",
+                 "data.answer_images=null"]
+        return [stage("stages.sft", *extra), stage("stages.evaluate", *extra)], bench_dir / "eval" / "sft"
+    raise ValueError(method)
+
+
+def measure(config: RunConfig, config_path: str, overrides: list[str], method: str, force: bool) -> dict:
+    bench_dir = config.run_dir / "bench-rlhf" / method
+    result_path = bench_dir / "result.json"
+    if result_path.is_file() and not force:
+        return json.loads(result_path.read_text())
+    sft_eval = config.paths.eval_dir("sft")
+    if method == "ppo":  # the run's own path: what the report's stages.rlhf says
+        report = json.loads(config.paths.report_json.read_text())
+        entry = report["stages"]["rlhf"]["methods"]["ppo"]
+        return {key: entry[key] for key in ("test", "change", "ci95", "error_removed", "labels", "seconds", "rounds")}
+    if force and bench_dir.exists():
+        shutil.rmtree(bench_dir)
+    started = time.perf_counter()
+    commands, eval_dir = plan(config, method, bench_dir)
+    for command in commands:
+        command = [*command, config_path, *overrides, *method_overrides(config, method)]
+        print(f"== bench rlhf {method}: {' '.join(command)}", flush=True)
+        if subprocess.call(command) != 0:
+            raise RuntimeError(f"{command[2]} failed (exit status above)")
+    seconds = round(time.perf_counter() - started, 1)
+    after = json.loads((eval_dir / "metrics.json").read_text())
+    change = compare_evaluations(sft_eval, eval_dir, seed=config.seed)
+    rm_metrics = bench_dir / "rm" / "metrics.json"
+    labels = None
+    if method in ("dpo", "rft", "judge", "grpo", "rloo"):  # they learn from the run's labels (or its reward model)
+        run_rm = json.loads(config.paths.metrics("rm").read_text())
+        labels = run_rm["train_labels"] + run_rm["heldout_labels"]
+        if method == "judge":
+            seconds = run_rm["seconds"]
+    result = {"test": after["vqa_accuracy"], "change": change["change"], "ci95": change["ci95"],
+              "error_removed": change["error_removed"], "labels": labels, "seconds": seconds, "rounds": 1,
+              **({"trained_on": json.loads(rm_metrics.read_text())["train_labels"]} if rm_metrics.is_file() else {})}
+    write_json(result_path, result)
+    return result
+
+
+def table(start: float, results: dict[str, dict]) -> str:
+    lines = [f"{'method':<12}{'test VQA':>10}{'change (95% CI)':>26}{'error removed':>15}{'labels':>9}{'seconds':>9}",
+             f"{'sft (start)':<12}{start:>10.2f}"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:<12}  failed: {r['error']}")
+            continue
+        change = f"{r['change']:+.2f} ({r['ci95'][0]:+.2f}..{r['ci95'][1]:+.2f})"
+        lines.append(f"{name:<12}{r['test']:>10.2f}{change:>26}{r['error_removed']:>14.1f}%"
+                     f"{r['labels'] if r['labels'] is not None else '-':>9}{r['seconds']:>9.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vqa-rlhf bench rlhf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG), help="the run's config (default %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, as the run was started with")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated, of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--force", action="store_true", help="measure every method again")
+    args = parser.parse_intermixed_args(argv)
+    config_path, overrides = config_path_and_overrides(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; methods are {', '.join(METHODS)}")
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if not config.paths.report_json.is_file() or not config.paths.eval_metrics("sft").is_file():
+        raise SystemExit(f"bench rlhf: no finished run at {config.run_dir}: run ./launch.sh {config_path} first")
+    start = json.loads(config.paths.eval_metrics("sft").read_text())["vqa_accuracy"]
+    results: dict[str, dict] = {}
+    for method in methods:
+        try:
+            results[method] = measure(config, config_path, overrides, method, args.force)
+        except Exception as exc:  # one method's failure is its row, not the end of the bench
+            results[method] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"bench rlhf: {method} failed: {exc}", file=sys.stderr, flush=True)
+    out = {"command": " ".join(["vqa-rlhf bench rlhf", config_path, *overrides, "--methods", ",".join(methods)]),
+           "start": start, "methods": {name: r for name, r in results.items() if "error" not in r},
+           "failed": {name: r["error"] for name, r in results.items() if "error" in r}}
+    write_json(config.run_dir / "bench-rlhf" / "table.json", out)
+    print(table(start, results))
+    from vlm.report import build_report
+
+    build_report(config.run_dir)  # the run's report shows the table
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
