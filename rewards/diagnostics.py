@@ -94,33 +94,45 @@ def best_of_n(policy, processor, reward, records: list[dict], images, captions: 
     return {"n": n, "questions": len(records), **{k: round(100.0 * v / len(records), 2) for k, v in totals.items()}}
 
 
-def family_candidates(records: list[dict], limit: int = 20) -> dict[str, list[str]]:
-    """Each question family's candidate answers: the majority answers its questions have in `records`,
-    the `limit` most common (the synthetic families: counts, the six colours, yes / no, the shapes,
-    the sides)."""
+def family_candidates(records: list[dict], limit: int = 20, forms: int = 3) -> dict[str, dict[str, list[str]]]:
+    """Each question family's candidate answers: the majority answers its questions have in `records`
+    (the `limit` most common; the synthetic families: counts, the six colours, yes / no, the shapes,
+    the sides), each with its surface forms, the `forms` commonest annotator spellings of it ("2",
+    "two"; "yes", "Yes"): a model that learned the annotators' spread splits its belief among them."""
     counts: dict[str, Counter] = {}
+    spellings: dict[str, Counter] = {}
     for record in records:
         family = record.get("question_family") or record.get("answer_type") or "all"
         counts.setdefault(family, Counter())[majority_answer(record["answers"])] += 1
-    return {family: sorted(answer for answer, _ in counter.most_common(limit)) for family, counter in counts.items()}
+        for answer in record["answers"]:
+            spellings.setdefault(normalize_answer(answer), Counter())[answer.strip()] += 1
+    return {family: {answer: [form for form, _ in spellings.get(answer, Counter({answer: 1})).most_common(forms)]
+                     for answer, _ in sorted(counter.most_common(limit))}
+            for family, counter in counts.items()}
 
 
 @torch.no_grad()
-def candidate_top1(reward, records: list[dict], candidates: dict[str, list[str]], captions: dict[str, str]) -> dict:
+def candidate_top1(reward, records: list[dict], candidates: dict[str, dict[str, list[str]]],
+                   captions: dict[str, str]) -> dict:
     """Does the reward know the answers? For each record, every candidate answer of its family is
-    scored; the record counts as right when the top-scored candidate has the best official VQA
-    accuracy among them (ties in score: the first candidate). Per family and overall, in %."""
+    scored (a candidate: its best-scored surface form); the record counts as right when the
+    top-scored candidate has the best official VQA accuracy among them (ties in score: the first
+    candidate). Per family and overall, in %."""
     right: Counter = Counter()
     total: Counter = Counter()
     for record in records:
         family = record.get("question_family") or record.get("answer_type") or "all"
-        answers = candidates.get(family) or []
+        answers = list((candidates.get(family) or {}).items())
         if len(answers) < 2:
             continue
-        reference = reference_of(record, captions)
-        scores = reward(inputs_from_references([reference] * len(answers), answers)).tolist()
-        accuracies = [vqa_accuracy(a, record["answers"]) for a in answers]
-        pick = max(range(len(answers)), key=lambda k: (scores[k], -k))
+        texts = [form for _, forms in answers for form in forms]
+        scores = reward(inputs_from_references([reference_of(record, captions)] * len(texts), texts)).tolist()
+        best, position = [], 0
+        for _, forms in answers:
+            best.append(max(scores[position:position + len(forms)]))
+            position += len(forms)
+        accuracies = [vqa_accuracy(answer, record["answers"]) for answer, _ in answers]
+        pick = max(range(len(answers)), key=lambda k: (best[k], -k))
         right[family] += accuracies[pick] == max(accuracies)
         total[family] += 1
     by_family = {family: round(100.0 * right[family] / total[family], 2) for family in sorted(total)}
