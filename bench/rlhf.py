@@ -51,8 +51,8 @@ def method_overrides(config: RunConfig, method: str) -> list[str]:
 
 
 def plan(config: RunConfig, method: str, bench_dir: Path) -> tuple[list[list[str]], Path]:
-    """(commands to run, the evaluation folder of the method's policy)."""
-    stage = lambda module, *extra: [sys.executable, "-m", module, *extra]
+    """(commands to run: [module, its own arguments], the evaluation folder of the method's policy)."""
+    stage = lambda module, *extra: [module, *extra]  # measure() adds the interpreter, config and overrides
     evaluate = lambda model: stage("stages.evaluate", "--model", str(model), "--tag", "policy")
     if method in ("grpo", "rloo", "verifiable"):
         extra = ["ppo.reward=vqa_accuracy"] if method == "verifiable" else [f"ppo.algo={method}"]
@@ -85,7 +85,8 @@ def measure(config: RunConfig, config_path: str, overrides: list[str], method: s
     started = time.perf_counter()
     commands, eval_dir = plan(config, method, bench_dir)
     for command in commands:
-        command = [*command, config_path, *overrides, *method_overrides(config, method)]
+        module, *extra = command
+        command = [sys.executable, "-m", module, config_path, *overrides, *method_overrides(config, method), *extra]
         print(f"== bench rlhf {method}: {' '.join(command)}", flush=True)
         if subprocess.call(command) != 0:
             raise RuntimeError(f"{command[2]} failed (exit status above)")

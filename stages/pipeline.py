@@ -31,9 +31,10 @@ SMOKE_OVERRIDES = [
     "instruct.warmup_steps=0", "instruct.max_train_samples=32", "instruct.describe_samples=8",
     "rm.steps=4", "rm.batch_size=4", "rm.save_steps=2", "rm.logging_steps=1", "rm.warmup_steps=0",
     "ppo.steps=2", "ppo.batch_size=4", "ppo.mini_batches=2", "ppo.save_steps=1", "ppo.eval_steps=2",
-    "ppo.eval_samples=8", "ppo.max_prompts=32",
+    "ppo.eval_samples=8", "ppo.max_prompts=32", "rm.candidate_questions=16", "rm.best_of_n_questions=16",
 ]
 SMOKE_SYNTHETIC = {"train_images": 40, "val_images": 8, "test_images": 8, "rl_images": 8}
+SMOKE_ANSWER_IMAGES = 16  # of the 40 (when the config gives written answers to some images only)
 
 
 def main(argv=None) -> int:
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
             smoke = [*SMOKE_OVERRIDES, f"name={config.name}-smoke"]
             if config.data.source == "synthetic":
                 smoke += [f"data.synthetic.{k}={v}" for k, v in SMOKE_SYNTHETIC.items()]
+                if config.data.answer_images:
+                    smoke.append(f"data.answer_images={SMOKE_ANSWER_IMAGES}")
                 if not config.data.dir:
                     smoke.append(f"data.dir={config.run_dir.with_name(config.name + '-smoke') / 'data'}")
             overrides = [*overrides, *smoke]

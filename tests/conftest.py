@@ -19,7 +19,7 @@ TINY_DIMS = [
 # of the vision stage use TINY_DIMS).
 TINY_MODEL = [*TINY_DIMS, "model.vision_model=null", "data.feature_cache=null"]
 TINY_DATA = ["data.synthetic.train_images=30", "data.synthetic.val_images=6", "data.synthetic.test_images=6",
-             "data.synthetic.rl_images=6"]
+             "data.synthetic.rl_images=6", "data.answer_images=null"]
 
 
 @pytest.fixture(scope="session")

@@ -266,7 +266,7 @@ def test_bench_rlhf_runs_each_peer_from_the_runs_sft_model_on_its_labels(tmp_pat
         if method == "ppo":
             continue  # read from the run's own report
         commands, eval_dir = plan(config, method, run / "bench-rlhf" / method)
-        modules[method] = [command[2] for command in commands]
+        modules[method] = [command[0] for command in commands]
         assert eval_dir.parent.name == "eval"
     assert modules == {"grpo": ["stages.ppo"], "rloo": ["stages.ppo"], "verifiable": ["stages.ppo"],
                        "dpo": ["stages.rm", "stages.evaluate"], "rft": ["stages.rm", "stages.evaluate"],
