@@ -95,7 +95,8 @@ def evaluate_before_after(config: RunConfig, metrics: dict, work_dir: Path | Non
                     "eval_split": after["split"], "eval_count": after["count"],
                     **compare_evaluations(before_dir, config.paths.eval_dir(tag), seed=config.seed)})
     if tag == config.round_tag("ppo"):  # the run's RL, not a control: what all rounds so far bought over SFT
-        sft, sft_dir = stored_or_evaluate(config, config.sft_final, config.round_tag("sft-again"))
+        first_policy = Path(config.ppo.policy) if config.ppo.policy else config.sft_final  # round 1's start
+        sft, sft_dir = stored_or_evaluate(config, first_policy, config.round_tag("sft-again"))
         metrics["vs_sft"] = {"vqa_accuracy_before": sft["vqa_accuracy"], "round": config.round,
                              **compare_evaluations(sft_dir, config.paths.eval_dir(tag), seed=config.seed)}
         if config.rlhf.reference_report:
