@@ -133,7 +133,8 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
     for stage, config, overrides in plan_rounds(config, stages, main_overrides):
         fingerprint = config_fingerprint(config, stage)
         marker = config.paths.done_marker(stage)
-        name = stage if config.rlhf.rounds == 1 else f"{stage} (round {config.round} of {config.rlhf.rounds})"
+        name = (f"{stage} (round {config.round} of {config.rlhf.rounds})"
+                if config.rlhf.rounds > 1 and stage in ROUND_STAGES else stage)
         if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
             print(f"== {name}: done earlier with this config, skipping (--force to rerun)", flush=True)
             continue
