@@ -50,7 +50,7 @@ CREATE TABLE store_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE provenance (
     id INTEGER PRIMARY KEY,
     checkpoint TEXT NOT NULL,
-    decoding TEXT NOT NULL,          -- JSON: k, temperature, top_p, max_new_tokens, seed, greedy
+    decoding TEXT NOT NULL,          -- JSON: k, temperature, top_p, max_new_tokens, seed, greedy, rlhf_round
     split TEXT,
     created TEXT NOT NULL            -- ISO 8601 UTC
 );

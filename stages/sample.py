@@ -77,7 +77,8 @@ def sample_provenance(config: RunConfig, checkpoint: str, split: str) -> dict:
     return {"checkpoint": checkpoint, "split": split, "created": now_iso(),
             "decoding": {"k": settings.k, "greedy": True, "temperature": settings.temperature,
                          "top_p": settings.top_p, "max_new_tokens": settings.max_new_tokens,
-                         "seed": config.seed, "prompt_template": config.data.prompt_template}}
+                         "seed": config.seed, "prompt_template": config.data.prompt_template,
+                         "rlhf_round": config.round}}
 
 
 def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
@@ -95,7 +96,10 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     split = config.sample_split  # default data.rl_split: images SFT never trained on
     records = load_split(config.data_dir, "vqa", split)
     if settings.max_questions:
-        records = records.select(range(min(settings.max_questions, len(records))))
+        if settings.max_questions > len(records):
+            raise SystemExit(f"error: config key 'sample.max_questions' is {settings.max_questions}, but the pool "
+                             f"{config.data_dir}/vqa/{split} has {len(records)} questions (null: all of them)")
+        records = records.select(range(settings.max_questions))
     rejects = RejectLog(db_path.parent / "sample_rejects.jsonl", config.data.on_bad_record)
     source = f"{config.data_dir}/vqa/{split}"
 
