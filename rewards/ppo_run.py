@@ -19,7 +19,7 @@ from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split
 from vlm.features import FeatureCacheMismatch, FeatureStore, image_source, model_signature
 from vlm.files import writing
 from vlm.generate import answer_questions
-from vlm.model import load_model
+from vlm.model import load_model, pick_device
 from vlm.train import apply_lora, set_trainable, tensorboard_logging
 from vlm.vqa_metric import score_records, vqa_accuracy
 from rewards.base import RewardContext, build_reward
@@ -67,6 +67,10 @@ class PPORun:
             # trl's PPOTrainer builds its own Accelerator(); on a box without CUDA under torchrun it
             # then runs each rank alone (silently) unless told to use the CPU: ranks share over gloo.
             os.environ["ACCELERATE_USE_CPU"] = "true"
+        if ppo.bf16:
+            # trl's PPOTrainer builds its Accelerator() from the environment, not from args.bf16: the
+            # config's precision reaches it here (over an `accelerate launch --mixed_precision` setting).
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
         self.trainer = VisionPPOTrainer(
             args=args, processing_class=tokenizer, model=policy, ref_model=ref_model, reward_model=self.reward,
             value_model=value_model, train_dataset=dataset, eval_dataset=dataset,
@@ -125,7 +129,7 @@ class PPORun:
             vf_coef=ppo.vf_coef, gamma=ppo.gamma, lam=ppo.lam, whiten_rewards=ppo.whiten_rewards,
             num_sample_generations=0, save_strategy="no", report_to=tensorboard_logging(self.checkpoints),
             logging_steps=1, seed=cfg.seed,
-            use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=False,
+            use_cpu=pick_device(cfg.device).type == "cpu", bf16=ppo.bf16, disable_tqdm=False,
         )
 
     def _value_model_start(self) -> RewardModel:

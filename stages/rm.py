@@ -31,7 +31,7 @@ from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split
 from vlm.features import image_source
 from vlm.files import writing
-from vlm.model import load_model
+from vlm.model import load_for_inference
 from vlm.stage_cli import config_from_args, run_stage, stage_parser, write_json
 from vlm.train import (
     TrainingClock,
@@ -213,7 +213,7 @@ def best_of_n_on_eval_split(config: RunConfig, reward_model, processor, threshol
     if not (policy_dir / "config.json").is_file():
         print(f"rm: best-of-n skipped: no policy at {policy_dir}", flush=True)
         return {}
-    policy, policy_processor = load_model(policy_dir)
+    policy, policy_processor = load_for_inference(policy_dir, config.device, config.inference_bf16, "rm best-of-n")
     records = [r for r in load_split(config.data_dir, "vqa", config.eval.split) if check_vqa_record(r) is None]
     records = records[:rm.best_of_n_questions]
     pixels = ImageCache(processor.image_processor, config.data_dir)

@@ -109,6 +109,9 @@ def decoding_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0: greedy (default); above 0: sampling at this temperature")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where the model runs (default auto: CUDA when there is one, else the CPU); bf16 on "
+                             "CUDA when the model was trained in bf16")
 
 
 def decoding_config(args) -> DecodingConfig:
@@ -130,7 +133,7 @@ def open_session(args):
     from vlm.chat import ChatSession
 
     try:
-        session = ChatSession(args.model, decoding_config(args))
+        session = ChatSession(args.model, decoding_config(args), args.device)
         session.set_image(args.image)
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
