@@ -47,6 +47,7 @@ SUBGROUPS = {
         "labels": ("bench.labeling", "labeling app: label submissions/s, next-item latency"),
         "seeds": ("bench.seeds", "vision + SFT + eval for several seeds: test accuracy per family, mean +- sd"),
         "chaos": ("bench.chaos", "SIGKILL a staged run at random moments, resume it, compare with an uninterrupted run"),
+        "gpu": ("bench.gpu", "every stage's hot path on one GPU, real sizes: bf16 SFT MFU, ZeRO-2/3, PPO, GRPO, eval"),
     }),
 }
 
