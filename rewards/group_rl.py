@@ -22,7 +22,7 @@ from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_rgb, load_split, reference_of
 from vlm.files import write_json
 from vlm.image_input import llava_of
-from vlm.model import load_model, pick_device
+from vlm.model import announce_device, load_model, pick_device
 from vlm.train import last_complete_checkpoint, save_final, tensorboard_logging
 from vlm.vqa_metric import vqa_accuracy
 from rewards.base import Reward, RewardContext, build_reward, inputs_from_references
@@ -96,12 +96,14 @@ def algo_arguments(config: RunConfig, image_token_index: int, work_dir: Path):
         from trl import GRPOConfig as AlgoConfig
     else:
         from trl import RLOOConfig as AlgoConfig
+    device = pick_device(config.device)
+    announce_device(ppo.algo, device, torch.bfloat16 if ppo.bf16 else torch.float32)
     return AlgoConfig(
         output_dir=str(work_dir / "checkpoints"), per_device_train_batch_size=ppo.batch_size,
         num_generations=ppo.num_generations, max_completion_length=ppo.max_new_tokens, learning_rate=ppo.lr,
         max_steps=ppo.steps, beta=ppo.kl_coef, temperature=ppo.temperature, logging_steps=1,
         save_steps=ppo.save_steps or ppo.steps, report_to=tensorboard_logging(work_dir / "checkpoints"),
-        use_cpu=pick_device(config.device).type == "cpu", bf16=ppo.bf16,
+        use_cpu=device.type == "cpu", bf16=ppo.bf16,
         seed=config.seed, deepspeed=ppo.deepspeed, max_grad_norm=ppo.max_grad_norm, remove_unused_columns=False,
         generation_kwargs={"suppress_tokens": [image_token_index]}, num_iterations=ppo.ppo_epochs,
     )

@@ -238,7 +238,7 @@ def train(config: RunConfig, callbacks=()) -> dict:
             f"{count_parameters(model):,} parameters, {count_parameters(model, True):,} trainable",
             flush=True,
         )
-    trainer = build_trainer(model, processor, dataset, config.instruct, work_dir, config.seed, callbacks)
+    trainer = build_trainer(model, processor, dataset, config.instruct, work_dir, config.seed, callbacks, config.device)
     training_started = time.perf_counter()
     result, train_seconds, final_dir = train_and_save(
         trainer, processor, config.instruct, work_dir, to_dict(config), "instruct")

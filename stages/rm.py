@@ -175,7 +175,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     checkpoints = out_dir / "checkpoints"
     clock = TrainingClock()
     trainer = RewardTrainer(
-        model=model, args=training_arguments(rm, checkpoints, config.seed), train_dataset=dataset,
+        model=model, args=training_arguments(rm, checkpoints, config.seed, config.device), train_dataset=dataset,
         data_collator=collator, part_lrs=part_learning_rates(rm), objective=rm.objective, callbacks=[clock],
     )
     resume_from = last_complete_checkpoint(checkpoints) if rm.resume else None

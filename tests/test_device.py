@@ -162,6 +162,10 @@ def test_bf16_reaches_the_ppo_and_grpo_configs(tiny_overrides, tmp_path, monkeyp
         assert algo_arguments(rloo, 5, tmp_path / "rloo").bf16 is bf16
 
 
+class Killed(Exception):
+    """Stands in for a SIGKILL in the middle of answering (pytest stops the session on KeyboardInterrupt)."""
+
+
 def test_a_killed_eval_resumes_without_answering_a_question_twice(monkeypatch, tiny_overrides, saved_tiny_model,
                                                                    tmp_path):
     from vlm import evaluation
@@ -170,17 +174,18 @@ def test_a_killed_eval_resumes_without_answering_a_question_twice(monkeypatch, t
     whole = evaluation.evaluate(load_config(REPO / "configs/default.yaml", [*overrides, "name=whole"]),
                                 saved_tiny_model, "sft")
     original = evaluation.answer_questions
-    asked = []
+    asked, kills = [], []
 
     def answering(model, processor, records, *args, **kwargs):
-        if len(asked) == 4:  # killed while answering the third batch
-            raise KeyboardInterrupt
+        if len(asked) == 4 and not kills:  # killed while answering the third batch
+            kills.append(len(asked))
+            raise Killed
         asked.extend(str(r["id"]) for r in records)
         return original(model, processor, records, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "answer_questions", answering)
     config = load_config(REPO / "configs/default.yaml", [*overrides, "name=killed"])
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         evaluation.evaluate(config, saved_tiny_model, "sft")
     partial = evaluation.partial_path(config.paths.eval_dir("sft"), 0, 1)
     with open(partial, "a") as f:
@@ -209,3 +214,12 @@ def test_bench_gpu_without_cuda_says_so_in_one_line_and_exits_0(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().count("\n") == 0 and "no CUDA" in done.stdout
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_training_stages_stay_on_the_cpu_when_the_config_says_so(monkeypatch, tmp_path, capsys):
+    from vlm.config import TrainConfig
+    from vlm.train import training_arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    assert training_arguments(TrainConfig(optim="adamw_torch"), tmp_path, 0, "cpu").use_cpu
+    assert "train: device cpu, dtype float32" in capsys.readouterr().err
