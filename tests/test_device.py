@@ -6,6 +6,7 @@ trainers from the config. A killed evaluation resumes without answering a questi
 No GPU here: CUDA's presence is patched, and bf16 on the CPU stands in for "another device and
 dtype" where a path must move the model and its batches."""
 import json
+import os
 import subprocess
 import sys
 
@@ -223,3 +224,20 @@ def test_training_stages_stay_on_the_cpu_when_the_config_says_so(monkeypatch, tm
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
     assert training_arguments(TrainConfig(optim="adamw_torch"), tmp_path, 0, "cpu").use_cpu
     assert "train: device cpu, dtype float32" in capsys.readouterr().err
+
+
+def test_under_torchrun_ranks_answer_disjoint_shards_and_rank_0_writes_the_one_results_file(
+        tiny_overrides, saved_tiny_model, tmp_path):
+    overrides = [*tiny_overrides, "eval.batch_size=4", "eval.train_check_samples=0"]
+    command = ["-m", "stages.evaluate", str(REPO / "configs/default.yaml"), "--model", str(saved_tiny_model),
+               *overrides]
+    one = subprocess.run([sys.executable, *command, "name=one"], capture_output=True, text=True, cwd=REPO)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29561", *command, "name=two"], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    read = lambda name, file: (tmp_path / name / "eval" / "saved-model" / file).read_text()
+    assert read("two", "results.json") == read("one", "results.json")
+    assert json.loads(read("two", "metrics.json"))["ranks"] == 2
+    assert two.stdout.count("VQA accuracy") == 1  # rank 0 reports; rank 1's shard is in its file
+    assert not list((tmp_path / "two" / "eval" / "saved-model").glob("answers.partial*"))
