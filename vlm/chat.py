@@ -38,8 +38,8 @@ class PrintStreamer(TextStreamer):
 class ChatSession:
     """One model, one image (or none), the turns so far."""
 
-    def __init__(self, model_dir: str | Path, decoding: DecodingConfig, device: str = "auto"):
-        self.model, self.processor = load_for_inference(model_dir, device, trained_in_bf16(model_dir), "chat")
+    def __init__(self, model_dir: str | Path, decoding: DecodingConfig, device: str = "auto", command: str = "chat"):
+        self.model, self.processor = load_for_inference(model_dir, device, trained_in_bf16(model_dir), command)
         self.decoding = decoding
         self.max_length = self.model.config.text_config.max_position_embeddings  # GPT-2: n_positions
         self.pixel_values: torch.Tensor | None = None

@@ -124,7 +124,7 @@ def decoding_config(args) -> DecodingConfig:
     return DecodingConfig(strategy="greedy", max_new_tokens=args.max_new_tokens)
 
 
-def open_session(args):
+def open_session(args, command: str):
     """A ChatSession on --model about --image (None: text only), or exit with the reason."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the answer, not library notices
     from transformers.utils import logging
@@ -133,7 +133,7 @@ def open_session(args):
     from vlm.chat import ChatSession
 
     try:
-        session = ChatSession(args.model, decoding_config(args), args.device)
+        session = ChatSession(args.model, decoding_config(args), args.device, command)
         session.set_image(args.image)
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
