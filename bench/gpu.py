@@ -1,6 +1,6 @@
 """The GPU benchmark: every stage's hot path on one GPU, real-size architectures, no downloads.
 
-    vqa-rlhf bench gpu [--out bench-gpu.json] [--rows sft,sft-cached,...] [--row-timeout 150]
+    vqa-rlhf bench gpu [--out bench-gpu.json] [--rows sft,sft-cached,...] [--budget 480] [--row-timeout 120]
 
 Real sizes, built from configs with random weights (bench/sft_throughput.py MODELS):
 GPT-2 124M + CLIP ViT-B/32 at 224 px, and GPT-2 774M (gpt2-large) + ViT-L/14 under ZeRO.
@@ -20,7 +20,8 @@ where it needs one) and prints its figure or its error; then the next row runs:
   eval         `vqa-rlhf eval`'s path (vlm/evaluation.py) on that model: questions/s and the
                generation's peak memory
 
-The table goes to --out as JSON. Without CUDA it says so in one line and exits 0: no figure
+All rows share --budget seconds (8 minutes); a row gets at most --row-timeout of them, and
+rows left when the budget is spent are reported as not run. The table goes to --out as JSON. Without CUDA it says so in one line and exits 0: no figure
 is measured, none estimated.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +62,20 @@ def launcher(row: str, result: Path) -> list[str]:
                 str(REPO / "configs" / "accelerate" / f"{row.removeprefix('ppo-')}.yaml"), "--num_processes", "1",
                 *own]
     return [sys.executable, *own]
+
+
+def run_killable(command: list[str], timeout: int, **kwargs) -> tuple[int, str]:
+    """(exit status, stderr or stdout) of a row's command. In its own process group, so that at the
+    timeout the launcher and the workers it started die together and leave the GPU to the next row."""
+    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kwargs) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            raise
+    return process.returncode, err or out
 
 
 def peak_memory_gib() -> float:
@@ -138,7 +154,7 @@ def ppo_row(stage: str) -> dict:
             "rollouts_s": round(r["total_sps"], 1), "peak_memory_gib": peak_memory_gib()}
 
 
-def real_size_run(work: Path, overrides: list[str]):
+def real_size_run(work: Path, overrides: list[str], test_images: int = 8):
     """A run config over built-in 224 px images and a saved 124M + B/32 model (random weights), for the
     rows that run the stages' own code. Its vocabulary is the built-in BPE's (512 tokens), not GPT-2's
     50,257: random weights over a padded vocabulary emit ids no tokenizer here can decode."""
@@ -150,7 +166,7 @@ def real_size_run(work: Path, overrides: list[str]):
     from stages.sft import corpus
 
     data = work / "data"
-    generate(SyntheticConfig(image_size=B32["image_size"], train_images=40, val_images=8, test_images=1000, rl_images=32),
+    generate(SyntheticConfig(image_size=B32["image_size"], train_images=40, val_images=8, test_images=test_images, rl_images=32),
              data, progress=False)
     dims = ["model.vision_model=null", *(f"model.{key}={value}" for key, value in B32.items())]
     config = load_config(REPO / "configs" / "default.yaml", [
@@ -183,7 +199,8 @@ def eval_row() -> dict:
     from vlm.evaluation import evaluate
 
     work = Path(tempfile.mkdtemp())
-    config, model_dir = real_size_run(work, ["sft.bf16=true", "eval.batch_size=256", "eval.train_check_samples=0"])
+    config, model_dir = real_size_run(work, ["sft.bf16=true", "eval.batch_size=256", "eval.train_check_samples=0"],
+                                      test_images=1000)  # 4,000 questions
     torch.cuda.reset_peak_memory_stats()
     metrics = evaluate(config, model_dir, "bench")
     return {"model": "gpt2-124m (ViT-B/32)", "questions": metrics["count"], "batch": config.eval.batch_size,
@@ -212,8 +229,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench-gpu.json"), help="the table as JSON")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {','.join(ROWS)}")
-    parser.add_argument("--row-timeout", type=int, default=150,
-                        help="seconds one row may take (default 150: 8 rows within about 8 minutes with start-up)")
+    parser.add_argument("--budget", type=int, default=480, help="seconds all rows may take together (default 480)")
+    parser.add_argument("--row-timeout", type=int, default=120, help="seconds one row may take (default 120)")
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one row, in the process a launcher starts
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
@@ -242,19 +259,23 @@ def main(argv=None) -> int:
           flush=True)
     table = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "rows": {}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    deadline = time.perf_counter() + args.budget
     for row in rows:
         result_path = Path(tempfile.mkdtemp()) / "result.json"
         started = time.perf_counter()
+        timeout = min(args.row_timeout, int(deadline - started))
+        if timeout < 10:
+            table["rows"][row] = {"error": f"not run: the {args.budget} s budget is spent"}
+            print(row_line(row, table["rows"][row]), flush=True)
+            continue
         try:
-            done = subprocess.run(launcher(row, result_path), cwd=REPO, env=env, capture_output=True, text=True,
-                                  timeout=args.row_timeout)
+            status, output = run_killable(launcher(row, result_path), timeout, cwd=REPO, env=env)
             if result_path.is_file():
                 result = json.loads(result_path.read_text())
             else:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                result = {"error": f"exit {done.returncode}: " + " | ".join(tail)}
+                result = {"error": f"exit {status}: " + " | ".join(output.strip().splitlines()[-3:])}
         except subprocess.TimeoutExpired:
-            result = {"error": f"timed out after {args.row_timeout} s"}
+            result = {"error": f"timed out after {timeout} s"}
         except OSError as exc:  # the launcher itself is missing
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result["seconds"] = round(time.perf_counter() - started, 1)

@@ -241,3 +241,25 @@ def test_under_torchrun_ranks_answer_disjoint_shards_and_rank_0_writes_the_one_r
     assert json.loads(read("two", "metrics.json"))["ranks"] == 2
     assert two.stdout.count("VQA accuracy") == 1  # rank 0 reports; rank 1's shard is in its file
     assert not list((tmp_path / "two" / "eval" / "saved-model").glob("answers.partial*"))
+
+
+def test_bench_gpu_prints_a_failing_rows_error_and_goes_on_to_the_next(monkeypatch, tmp_path, capsys):
+    from bench import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Test GPU")
+    commands = {
+        "sft": lambda result: [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"],
+        "eval": lambda result: [sys.executable, "-c",
+                                f"import json; open({str(result)!r}, 'w').write(json.dumps({{'questions_s': 12.5}}))"],
+    }
+    monkeypatch.setattr(gpu, "launcher", lambda row, result: commands[row](result))
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--rows", "sft,eval", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bench gpu: Test GPU") and "dtype bfloat16" in lines[0]
+    assert lines[1].startswith("sft") and "error: exit 3: boom" in lines[1]
+    assert lines[2].startswith("eval") and "questions_s 12.5" in lines[2]
+    table = json.loads(out.read_text())
+    assert table["gpu"] == "Test GPU" and table["rows"]["eval"]["questions_s"] == 12.5
+    assert "error" in table["rows"]["sft"]
