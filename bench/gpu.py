@@ -56,7 +56,8 @@ def launcher(row: str, result: Path) -> list[str]:
     """The command that runs one row in its own process, under its launcher."""
     own = ["-m", "bench.gpu", "--row", row, "--result", str(result)]
     if row in ("zero2", "zero3"):
-        return ["deepspeed", "--num_gpus", "1", "--module", *own[1:]]
+        # the `deepspeed` launcher of this interpreter, found without PATH
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--module", *own[1:]]
     if row.startswith("ppo-"):
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(REPO / "configs" / "accelerate" / f"{row.removeprefix('ppo-')}.yaml"), "--num_processes", "1",
