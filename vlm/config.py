@@ -606,7 +606,9 @@ STAGES = {
                     report=("objective", "steps", "seconds", "probe", "probe_untrained", "probe_split", "checkpoint")),
     "sft": Stage("stages.sft", "stage 1: answer-only supervised fine-tuning on VQA", distributed=True),
     # right after SFT: later stages that compare with the SFT model reuse this evaluation
-    "eval": Stage("stages.evaluate", "answer a split and score it with the official VQA metric", needs="vqa"),
+    # distributed: under the run's launcher the ranks answer disjoint shards (vlm/evaluation.py)
+    "eval": Stage("stages.evaluate", "answer a split and score it with the official VQA metric", distributed=True,
+                  needs="vqa"),
     "sample": Stage("stages.sample", "K sampled + the greedy answer per question into the label store, for labeling",
                     needs="vqa"),
     "autolabel": Stage("stages.autolabel", "label samples with ground truth by official VQA accuracy, as labeler auto",
