@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ from vlm.image_input import FEATURES, PIXELS
 from rewards.base import Reward
 from rewards.ppo_trainer import PromptCollator, VisionPPOTrainer
 from rewards.reward_model import RewardModel, RewardModelConfig
-from bench.sft_throughput import MODELS, add_model_options, apply_model_options, build
+from bench.sft_throughput import MODELS, add_model_options, apply_model_options, build, synchronize
 
 
 class _TokenIds:
@@ -60,7 +61,8 @@ def model_forward_reward(reward_model, dataset, kind, answer_tokens: int):
     return ModelForward()
 
 
-def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int, images: str):
+def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int, images: str,
+                  bf16: bool = False):
     torch.manual_seed(0)
     policy = build(bench)
     config = policy.config
@@ -82,8 +84,10 @@ def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, 
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size, num_mini_batches=mini_batches,
         num_ppo_epochs=ppo_epochs, total_episodes=batch_size * 1000, response_length=max_new_tokens,
         stop_token="eos", local_rollout_forward_batch_size=batch_size, report_to=[], save_strategy="no",
-        use_cpu=not torch.cuda.is_available(), bf16=False, num_sample_generations=0, disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), bf16=bf16, num_sample_generations=0, disable_tqdm=True,
     )
+    if bf16:  # trl's PPOTrainer builds its Accelerator() from the environment (rewards/ppo_run.py)
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     return VisionPPOTrainer(
         args=args, processing_class=_TokenIds(), model=policy, ref_model=ref,
         reward_model=model_forward_reward(reward, dataset, kind, max_new_tokens),
@@ -93,18 +97,22 @@ def build_trainer(bench, batch_size: int, max_new_tokens: int, ppo_epochs: int, 
 
 
 def bench_model(bench, updates: int, batch_size: int, max_new_tokens: int, ppo_epochs: int, mini_batches: int,
-                images: str) -> dict:
-    trainer = build_trainer(bench, batch_size, max_new_tokens, ppo_epochs, mini_batches, images)
+                images: str, bf16: bool = False) -> dict:
+    trainer = build_trainer(bench, batch_size, max_new_tokens, ppo_epochs, mini_batches, images, bf16)
+    device = trainer.accelerator.device
     batch = next(iter(trainer.dataloader))
     rollout_s, update_s = [], []
     for i in range(updates + 1):  # the first update warms up
         torch.manual_seed(i)
+        synchronize(device)
         start = time.perf_counter()
         rollout = trainer.rollout(batch)
+        synchronize(device)
         middle = time.perf_counter()
         with torch.no_grad():
             advantages, returns, values, _, _ = trainer.advantages(rollout)
         trainer.ppo_update(rollout, advantages, returns, values, i)
+        synchronize(device)
         end = time.perf_counter()
         if i:
             rollout_s.append(middle - start)

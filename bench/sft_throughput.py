@@ -51,15 +51,25 @@ MODELS = {
 }
 
 
-def matmul_peak_flops(size: int = 2048, seconds: float = 2.0) -> float:
-    """Best fp32 FLOP/s of a square matmul: the ceiling MFU is measured against."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time is the work's (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(size: int = 2048, seconds: float = 2.0, device: torch.device = torch.device("cpu"),
+                      dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of a square matmul in `dtype` on `device`: the ceiling MFU is measured against
+    (fp32 on the CPU; bf16 on a GPU, where bf16 steps run on the tensor cores)."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
+    synchronize(device)
     best = 0.0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best
 
@@ -118,23 +128,29 @@ def step_flops(model, batch: dict) -> float:
     return float(matmul + attention)
 
 
-def bench_model(bench: BenchModel, steps: int, warmup: int = 2, compile: bool = False) -> dict:
+def bench_model(bench: BenchModel, steps: int, warmup: int = 2, compile: bool = False,
+                device: torch.device = torch.device("cpu"), bf16: bool = False) -> dict:
+    """Median full training step. `bf16`: fp32 weights under bf16 autocast, as the HF Trainer's
+    bf16=True trains (sft.bf16)."""
     torch.manual_seed(0)
-    model = build(bench)
+    model = build(bench).to(device)
     model.train()
     if bench.cached_features:
         model.model.vision_tower.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = batch_for(model, bench)
+    batch = {key: value.to(device) for key, value in batch_for(model, bench).items()}
     step_forward = torch.compile(forward) if compile else forward
     warmup += 3 if compile else 0  # compilation happens in the first steps
     timings = []
     for step in range(warmup + steps):
+        synchronize(device)
         start = time.perf_counter()
-        loss = step_forward(model, batch).loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = step_forward(model, batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
         if step >= warmup:
             timings.append(time.perf_counter() - start)
     seconds = sorted(timings)[len(timings) // 2]  # median step

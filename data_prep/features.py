@@ -98,16 +98,23 @@ def _start_or_resume(out: Path, meta: dict, shape: tuple, dtype: str):
 
 @torch.no_grad()
 def build_cache(model_name: str, data_dir: str | Path, out: str | Path, feature_layer: int | None = None,
-                batch_size: int = 64, dtype: str = "float32", max_batches: int | None = None) -> dict:
-    """Encodes the images not yet in the cache; returns counts. `max_batches` stops early (tests)."""
+                batch_size: int = 64, dtype: str = "float32", max_batches: int | None = None,
+                device: str = "auto") -> dict:
+    """Encodes the images not yet in the cache; returns counts. `max_batches` stops early (tests).
+    The tower runs on `device` (vlm.model.pick_device) in fp32 whatever the device: the cache is
+    read by runs in either precision and its signature is of the fp32 weights."""
+    from vlm.model import announce_device, pick_device
+
     data_dir, out = Path(data_dir), Path(out)
     images = dataset_images(data_dir)
     if not images:
         raise SystemExit(f"error: {data_dir}: the records name no images")
+    chosen = pick_device(device)
+    announce_device("prep features", chosen, torch.float32)
     tower, image_processor, layer = load_vision(model_name, feature_layer)
-    tower.eval()
+    tower.to(chosen).eval()
     probe = image_processor(images=[blank_image(image_processor)], return_tensors="pt")["pixel_values"]
-    shape = (len(images),) + tuple(vision_features(tower, probe, layer).shape[1:])
+    shape = (len(images),) + tuple(vision_features(tower, probe.to(chosen), layer).shape[1:])
     meta = {"format": FORMAT_VERSION, "model": str(model_name), "data": str(data_dir.resolve()), "dtype": dtype,
             "shape": list(shape), "signature": signature(tower, image_processor, layer), "images": images}
     features, progress = _start_or_resume(out, meta, shape, dtype)
@@ -126,7 +133,7 @@ def build_cache(model_name: str, data_dir: str | Path, out: str | Path, feature_
                 progress["failed"][name] = str(exc)
         if pixels:
             batch = image_processor(images=pixels, return_tensors="pt")["pixel_values"]
-            features[rows] = vision_features(tower, batch, layer).numpy().astype(dtype)
+            features[rows] = vision_features(tower, batch.to(chosen), layer).float().cpu().numpy().astype(dtype)
             features.flush()  # rows on disk before progress says they are
         progress["done"] = start + len(names)
         write_json(out / "progress.json", progress)
@@ -157,8 +164,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="storage type; float16 halves the size (ViT-B/32: 77 KB per image)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where the tower runs (default auto: CUDA when there is one, else the CPU)")
     args = parser.parse_args(argv)
-    counts = build_cache(args.model, args.data, args.out, args.feature_layer, args.batch_size, args.dtype)
+    counts = build_cache(args.model, args.data, args.out, args.feature_layer, args.batch_size, args.dtype,
+                         device=args.device)
     print(f"prep features: {counts['done']} of {counts['images']} images in {args.out} "
           f"({counts['encoded_now']} encoded now, {counts['images_per_second']} img/s; "
           f"{counts['failed']} unreadable, listed in {Path(args.out) / 'progress.json'})")

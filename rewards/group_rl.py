@@ -22,7 +22,7 @@ from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_rgb, load_split, reference_of
 from vlm.files import write_json
 from vlm.image_input import llava_of
-from vlm.model import load_model
+from vlm.model import announce_device, load_model, pick_device
 from vlm.train import last_complete_checkpoint, save_final, tensorboard_logging
 from vlm.vqa_metric import vqa_accuracy
 from rewards.base import Reward, RewardContext, build_reward, inputs_from_references
@@ -88,24 +88,34 @@ def prompt_dataset(config: RunConfig):
     return Dataset.from_list(rows)
 
 
-def group_trainer(config: RunConfig, policy, processor, reward: Reward, work_dir: Path):
-    """trl 1.12's GRPOTrainer or RLOOTrainer (ppo.algo) for the policy, with the stage's reward."""
+def algo_arguments(config: RunConfig, image_token_index: int, work_dir: Path):
+    """trl 1.12's GRPOConfig or RLOOConfig (ppo.algo) from the stage's config: bf16 from ppo.bf16, the
+    CPU only where the device rule (config key `device`) says so."""
     ppo = config.ppo
     if ppo.algo == "grpo":
         from trl import GRPOConfig as AlgoConfig
-        from trl import GRPOTrainer as AlgoTrainer
     else:
         from trl import RLOOConfig as AlgoConfig
-        from trl import RLOOTrainer as AlgoTrainer
-    common = dict(
+    device = pick_device(config.device)
+    announce_device(ppo.algo, device, torch.bfloat16 if ppo.bf16 else torch.float32)
+    return AlgoConfig(
         output_dir=str(work_dir / "checkpoints"), per_device_train_batch_size=ppo.batch_size,
         num_generations=ppo.num_generations, max_completion_length=ppo.max_new_tokens, learning_rate=ppo.lr,
         max_steps=ppo.steps, beta=ppo.kl_coef, temperature=ppo.temperature, logging_steps=1,
         save_steps=ppo.save_steps or ppo.steps, report_to=tensorboard_logging(work_dir / "checkpoints"),
-        use_cpu=not torch.cuda.is_available(), bf16=False,
+        use_cpu=device.type == "cpu", bf16=ppo.bf16,
         seed=config.seed, deepspeed=ppo.deepspeed, max_grad_norm=ppo.max_grad_norm, remove_unused_columns=False,
-        generation_kwargs={"suppress_tokens": [policy.config.image_token_index]}, num_iterations=ppo.ppo_epochs,
+        generation_kwargs={"suppress_tokens": [image_token_index]}, num_iterations=ppo.ppo_epochs,
     )
+
+
+def group_trainer(config: RunConfig, policy, processor, reward: Reward, work_dir: Path):
+    """trl 1.12's GRPOTrainer or RLOOTrainer (ppo.algo) for the policy, with the stage's reward."""
+    ppo = config.ppo
+    if ppo.algo == "grpo":
+        from trl import GRPOTrainer as AlgoTrainer
+    else:
+        from trl import RLOOTrainer as AlgoTrainer
     peft_config = None
     if ppo.lora.enabled:
         from peft import LoraConfig
@@ -114,7 +124,8 @@ def group_trainer(config: RunConfig, policy, processor, reward: Reward, work_dir
                                  target_modules=r".*language_model.*\.(" + "|".join(ppo.lora.target_modules) + r")$",
                                  fan_in_fan_out=True, task_type="CAUSAL_LM")
     return AlgoTrainer(model=policy, reward_funcs=[RewardFunction(reward)],
-                       args=AlgoConfig(**common), train_dataset=prompt_dataset(config), processing_class=processor,
+                       args=algo_arguments(config, policy.config.image_token_index, work_dir),
+                       train_dataset=prompt_dataset(config), processing_class=processor,
                        peft_config=peft_config)
 
 

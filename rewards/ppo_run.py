@@ -19,7 +19,7 @@ from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split
 from vlm.features import FeatureCacheMismatch, FeatureStore, image_source, model_signature
 from vlm.files import writing
 from vlm.generate import answer_questions
-from vlm.model import load_model
+from vlm.model import announce_device, load_model, pick_device
 from vlm.train import apply_lora, set_trainable, tensorboard_logging
 from vlm.vqa_metric import score_records, vqa_accuracy
 from rewards.base import RewardContext, build_reward
@@ -63,10 +63,16 @@ class PPORun:
         self.val_records = [val[i] for i in range(min(ppo.eval_samples, len(val)))]
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         args = self._trl_args()
-        if world_size > 1 and not torch.cuda.is_available():
-            # trl's PPOTrainer builds its own Accelerator(); on a box without CUDA under torchrun it
-            # then runs each rank alone (silently) unless told to use the CPU: ranks share over gloo.
+        on_cpu = pick_device(cfg.device).type == "cpu"
+        if on_cpu and (world_size > 1 or torch.cuda.is_available()):
+            # trl's PPOTrainer builds its own Accelerator(), which reads the device from the environment:
+            # on a box without CUDA under torchrun it runs each rank alone (silently) unless told to use
+            # the CPU (then ranks share over gloo); on a GPU machine with device=cpu it would take the GPU.
             os.environ["ACCELERATE_USE_CPU"] = "true"
+        if ppo.bf16:
+            # trl's PPOTrainer builds its Accelerator() from the environment, not from args.bf16: the
+            # config's precision reaches it here (over an `accelerate launch --mixed_precision` setting).
+            os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
         self.trainer = VisionPPOTrainer(
             args=args, processing_class=tokenizer, model=policy, ref_model=ref_model, reward_model=self.reward,
             value_model=value_model, train_dataset=dataset, eval_dataset=dataset,
@@ -113,6 +119,8 @@ class PPORun:
 
     def _trl_args(self) -> TRLPPOConfig:
         cfg, ppo = self.config, self.config.ppo
+        device = pick_device(cfg.device)
+        announce_device("ppo", device, torch.bfloat16 if ppo.bf16 else torch.float32)
         return TRLPPOConfig(
             output_dir=str(self.checkpoints), per_device_train_batch_size=ppo.batch_size,
             gradient_accumulation_steps=1, num_mini_batches=ppo.mini_batches, num_ppo_epochs=ppo.ppo_epochs,
@@ -125,7 +133,7 @@ class PPORun:
             vf_coef=ppo.vf_coef, gamma=ppo.gamma, lam=ppo.lam, whiten_rewards=ppo.whiten_rewards,
             num_sample_generations=0, save_strategy="no", report_to=tensorboard_logging(self.checkpoints),
             logging_steps=1, seed=cfg.seed,
-            use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=False,
+            use_cpu=device.type == "cpu", bf16=ppo.bf16, disable_tqdm=False,
         )
 
     def _value_model_start(self) -> RewardModel:

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     decoding_arguments(parser)
     args = parser.parse_args(argv)
 
-    session = open_session(args)
+    session = open_session(args, "ask")
     try:
         session.ask(args.question, stream=sys.stdout)
     except ValueError as exc:  # PromptTooLong included

@@ -31,11 +31,10 @@ def main(argv=None) -> int:
 
     from vlm.captioning import caption_batch, data_config_of
     from vlm.data import load_rgb
-    from vlm.model import load_model
+    from vlm.model import load_for_inference, trained_in_bf16
 
     try:
-        model, processor = load_model(args.model)
-        model.eval()
+        model, processor = load_for_inference(args.model, args.device, trained_in_bf16(args.model), "caption")
         data = data_config_of(Path(args.model))
         decoding = decoding_config(args)
         max_length = model.config.text_config.n_positions

@@ -25,7 +25,7 @@ from vlm.captioning import caption_batch, caption_perplexity, references_by_imag
 from vlm.config import DecodingConfig, RunConfig
 from vlm.data import RejectLog, load_split
 from vlm.features import image_source
-from vlm.model import load_model
+from vlm.model import load_for_inference
 from vlm.stage_cli import parse_model_stage_args, run_stage, write_json
 
 
@@ -38,8 +38,7 @@ def evaluate_captions(config: RunConfig, model_dir: Path) -> dict:
     if not refs:
         raise ValueError(f"{config.data_dir}/captions/{split}: no captions to evaluate")
     torch.manual_seed(config.seed)
-    model, processor = load_model(model_dir)
-    model.eval()
+    model, processor = load_for_inference(model_dir, config.device, config.inference_bf16, "caption-eval")
     images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
     decoding = DecodingConfig(**{**vars(config.eval.decoding), "max_new_tokens": config.eval.caption_max_new_tokens})
     out_dir = config.paths.eval_dir("captions")

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     decoding_arguments(parser)
     args = parser.parse_args(argv)
 
-    session = open_session(args)
+    session = open_session(args, "chat")
     from vlm.data import PromptTooLong
 
     print(f"chatting with {args.model}" + (f" about {args.image}" if args.image else " (no image)") +

@@ -48,6 +48,7 @@ SUBGROUPS = {
         "seeds": ("bench.seeds", "vision + SFT + eval for several seeds: test accuracy per family, mean +- sd"),
         "rlhf": ("bench.rlhf", "ways to learn from judgments side by side on one run's labels: PPO, GRPO, DPO, RFT, controls"),
         "chaos": ("bench.chaos", "SIGKILL a staged run at random moments, resume it, compare with an uninterrupted run"),
+        "gpu": ("bench.gpu", "every stage's hot path on one GPU, real sizes: bf16 SFT MFU, ZeRO-2/3, PPO, GRPO, eval"),
     }),
 }
 

@@ -17,8 +17,11 @@ from (the dataset's meta.json), else the split's own records.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from vlm.evaluation import evaluate
 from vlm.stage_cli import add_model_option, config_from_args, model_dir_from, run_stage, stage_parser
@@ -35,10 +38,16 @@ def main(argv=None) -> int:
     config = config_from_args(args)
     model_dir = model_dir_from(args, config)
     tag = args.tag or (Path(args.model).name if args.model else "sft")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun the ranks answer disjoint shards; gloo is enough for the one barrier
+        # before rank 0 gathers their answers, on GPUs as on CPUs.
+        torch.distributed.init_process_group("gloo")
     try:
-        metrics = evaluate(config, model_dir, tag, args.questions)
+        metrics = evaluate(config, model_dir, tag, args.questions, sharded=True)
     except (ValueError, FileNotFoundError, KeyError) as exc:  # each names its file, record and field
         sys.exit(f"error: {exc}")
+    if metrics is None:  # a rank other than 0: its shard is in rank 0's results
+        return 0
     print(f"eval[{tag}] {metrics['split']}: results file for the VQA challenge server: {metrics['results']} "
           f"({metrics['count']} answers, one per question of {metrics['results_checked_against']})")
     if not metrics["scored"]:

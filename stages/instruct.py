@@ -43,7 +43,7 @@ from vlm.data import (
 from vlm.describe_metric import DescriptionScore, parse_description
 from vlm.evaluation import evaluate, stored_or_evaluate
 from vlm.generate import generate
-from vlm.model import count_parameters, load_model
+from vlm.model import count_parameters, load_for_inference, load_model
 from vlm.stage_cli import config_from_args, run_stage, stage_parser, write_json
 from vlm.train import build_trainer, is_main_process, mean_logged_loss, prepare_for_training, train_and_save
 
@@ -131,8 +131,7 @@ def evaluate_descriptions(config: RunConfig, model_dir: Path, tag: str) -> dict 
     if instruct.describe_samples:
         captions = captions.select(range(min(instruct.describe_samples, len(captions))))
     records = list(captions)
-    model, processor = load_model(model_dir)
-    model.eval()
+    model, processor = load_for_inference(model_dir, config.device, config.inference_bf16, f"describe[{tag}]")
     images = ImageCache(processor.image_processor, config.data_dir)
     prompt = vqa_prompt(data.prompt_template, data.caption_prompt)
     decoding = dataclasses.replace(config.eval.decoding, max_new_tokens=instruct.describe_max_new_tokens)
@@ -170,8 +169,7 @@ def evaluate_followups(config: RunConfig, model_dir: Path, tag: str) -> dict | N
         return None
     if config.instruct.describe_samples:
         records = records.select(range(min(config.instruct.describe_samples, len(records))))
-    model, processor = load_model(model_dir)
-    model.eval()
+    model, processor = load_for_inference(model_dir, config.device, config.inference_bf16, f"follow-ups[{tag}]")
     eos = processor.tokenizer.eos_token
     rejects = RejectLog(None, "skip")
     cases = []  # (image, prompt with the true history, expected answer, question)
@@ -240,7 +238,7 @@ def train(config: RunConfig, callbacks=()) -> dict:
             f"{count_parameters(model):,} parameters, {count_parameters(model, True):,} trainable",
             flush=True,
         )
-    trainer = build_trainer(model, processor, dataset, config.instruct, work_dir, config.seed, callbacks)
+    trainer = build_trainer(model, processor, dataset, config.instruct, work_dir, config.seed, callbacks, config.device)
     training_started = time.perf_counter()
     result, train_seconds, final_dir = train_and_save(
         trainer, processor, config.instruct, work_dir, to_dict(config), "instruct")

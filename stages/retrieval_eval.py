@@ -18,12 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from vlm.config import RunConfig
 from vlm.data import ImageCache, load_split
 from vlm.features import open_for_model
-from vlm.model import load_model
+from vlm.model import load_for_inference
 from vlm.retrieval import TowerEmbeddings, embedding_head, embedding_token_id, retrieval_recall
 from vlm.stage_cli import parse_model_stage_args, write_json
 
@@ -39,13 +37,11 @@ def evaluate_retrieval(config: RunConfig, model_dir: Path) -> dict:
     records = [r for r in records if r["image"] in kept]
     if not records:
         raise ValueError(f"{config.data_dir}/captions/{split}: no captions to evaluate")
-    model, processor = load_model(model_dir)
+    model, processor = load_for_inference(model_dir, config.device, config.inference_bf16, "retrieval-eval")
     head = embedding_head(model)
     if head is None:
         raise ValueError(f"{model_dir}: the model has no caption -> CLIP embedding head; "
                          f"train it with model.clip_head=true")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
     started = time.perf_counter()
     if config.data.feature_cache:
         store = open_for_model(config.data.feature_cache, model, processor, str(model_dir))

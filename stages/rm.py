@@ -32,7 +32,7 @@ from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split
 from vlm.features import image_source
 from vlm.files import writing
-from vlm.model import load_model
+from vlm.model import load_for_inference
 from vlm.stage_cli import config_from_args, run_stage, stage_parser, write_json
 from vlm.train import (
     TrainingClock,
@@ -216,7 +216,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     checkpoints = out_dir / "checkpoints"
     clock = TrainingClock()
     trainer = RewardTrainer(
-        model=model, args=training_arguments(rm, checkpoints, config.seed), train_dataset=dataset,
+        model=model, args=training_arguments(rm, checkpoints, config.seed, config.device), train_dataset=dataset,
         data_collator=collator, part_lrs=part_learning_rates(rm), objective=rm.objective, dpo_beta=rm.dpo_beta,
         callbacks=[clock],
     )
@@ -270,7 +270,7 @@ def eval_split_diagnostics(config: RunConfig, reward_model, processor, threshold
     if not (policy_dir / "config.json").is_file():
         print(f"rm: best-of-n skipped: no policy at {policy_dir}", flush=True)
         return out
-    policy, policy_processor = load_model(policy_dir)
+    policy, policy_processor = load_for_inference(policy_dir, config.device, config.inference_bf16, "rm best-of-n")
     images = image_source(data.feature_cache, config.data_dir, policy_processor, policy, True, str(policy_dir))
     sampling = replace(config.eval.decoding, strategy="sample", temperature=config.sample.temperature,
                        top_p=config.sample.top_p, max_new_tokens=config.sample.max_new_tokens)

@@ -86,7 +86,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     # then takes 9 s instead of 0.2 s (measured on the 2-core box).
     from vlm.data import RejectLog, load_split
     from vlm.features import image_source
-    from vlm.model import load_model
+    from vlm.model import load_for_inference
     from rewards.sampling import sample_candidates
 
     settings = config.sample
@@ -106,7 +106,7 @@ def sample_to_store(config: RunConfig, progress: bool = True) -> dict:
     store = LabelStore(db_path, create=True)
     checkpoint = str(model_dir.resolve())
     done = store.sampled_question_ids(checkpoint)
-    model, processor = load_model(model_dir)
+    model, processor = load_for_inference(model_dir, config.device, config.inference_bf16, "sample")
     images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
     todo = usable_records(records, images, rejects, source)
     batch_of = {str(record["id"]): index // settings.batch_size for index, record in enumerate(todo)}

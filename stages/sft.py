@@ -235,7 +235,8 @@ def train(config: RunConfig, callbacks=()) -> dict:
 
     held_out = HeldOutAccuracy(config, processor, val_records, images, work_dir / "eval_log.jsonl",
                                "vqa" if "vqa" in tasks else "captions")
-    trainer = build_trainer(model, processor, dataset, config.sft, work_dir, config.seed, [held_out, *callbacks])
+    trainer = build_trainer(model, processor, dataset, config.sft, work_dir, config.seed, [held_out, *callbacks],
+                            config.device)
     held_out.trainer = trainer
     result, seconds, final_dir = train_and_save(trainer, processor, config.sft, work_dir, to_dict(config), "sft")
     metrics = {

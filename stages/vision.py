@@ -30,7 +30,7 @@ from transformers import CLIPVisionModel
 
 from vlm.config import RunConfig
 from vlm.features import signature
-from vlm.model import scratch_configs
+from vlm.model import announce_device, pick_device, scratch_configs
 from vlm.regions import load_regions, probe_towers
 from vlm.stage_cli import parse_stage_args, run_stage, write_json
 from vlm.vision import RegionHeads, batch_indices, clip_image_processor, cosine_lr, patch_tokens, region_loss
@@ -66,7 +66,7 @@ def load_checkpoint(path: Path, tower, heads, optimizer) -> int:
     state = load_file(path / "model.safetensors")
     tower.load_state_dict({k[len("tower."):]: v for k, v in state.items() if k.startswith("tower.")})
     heads.load_state_dict({k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")})
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     return json.loads((path / "state.json").read_text())["step"]
 
 
@@ -78,8 +78,11 @@ def train(config: RunConfig) -> dict:
     pixels, targets = load_regions(config, config.data.train_split)
     print(f"vision: {len(pixels)} captioned train images, {targets.labels['shape'].shape[1]} regions each, "
           f"objective {cfg.objective}", flush=True)
-    tower = new_tower(config, config.seed)
-    heads = RegionHeads(tower.config.hidden_size, targets.classes)
+    device = pick_device(config.device)
+    announce_device("vision", device, torch.float32)
+    # On the device before the optimizer exists: a resumed optimizer's state follows its parameters.
+    tower = new_tower(config, config.seed).to(device)
+    heads = RegionHeads(tower.config.hidden_size, targets.classes).to(device)
     params = [*tower.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, seconds = 0, 0.0
@@ -101,7 +104,8 @@ def train(config: RunConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * cosine_lr(step, cfg.steps, cfg.warmup_steps)
         index = batch_indices(len(pixels), cfg.batch_size, config.seed, step)
-        loss = region_loss(heads, patch_tokens(tower, pixels[index]), targets.select(index))
+        labels = {attr: value.to(device) for attr, value in targets.select(index).items()}
+        loss = region_loss(heads, patch_tokens(tower, pixels[index].to(device)), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -139,7 +143,8 @@ def cache_features(config: RunConfig, tower: CLIPVisionModel) -> dict:
         if json.loads(meta.read_text()).get("signature") != expected:
             print(f"vision: {out} was made by an earlier tower; rebuilding it", flush=True)
             shutil.rmtree(out)
-    return build_cache(str(config.vision_final), config.data_dir, out, config.model.vision_feature_layer)
+    return build_cache(str(config.vision_final), config.data_dir, out, config.model.vision_feature_layer,
+                       device=config.device)
 
 
 def main(argv=None) -> int:

@@ -54,9 +54,11 @@ def caption_perplexity(model, processor, records, images, data, batch_size: int,
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        weight = next(model.parameters())  # batches follow the model's device and dtype (vlm.model.pick_device)
+        batch = {key: value.to(weight.device) for key, value in batch.items()}
         labels = batch.pop("labels")
         if images.kind.key in batch:  # pixels, or cached features projected here (vlm/features.py)
-            batch.update(images.kind.model_inputs(model, batch.pop(images.kind.key)))
+            batch.update(images.kind.model_inputs(model, batch.pop(images.kind.key).to(weight.dtype)))
         logits = model(**batch).logits[:, :-1].float()
         targets = labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),

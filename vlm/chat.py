@@ -15,7 +15,7 @@ from transformers import TextStreamer
 from vlm.config import DecodingConfig
 from vlm.data import PromptTooLong, load_rgb
 from vlm.generate import generate
-from vlm.model import load_model
+from vlm.model import load_for_inference, trained_in_bf16
 
 
 class PrintStreamer(TextStreamer):
@@ -38,9 +38,8 @@ class PrintStreamer(TextStreamer):
 class ChatSession:
     """One model, one image (or none), the turns so far."""
 
-    def __init__(self, model_dir: str | Path, decoding: DecodingConfig):
-        self.model, self.processor = load_model(model_dir)
-        self.model.eval()
+    def __init__(self, model_dir: str | Path, decoding: DecodingConfig, device: str = "auto", command: str = "chat"):
+        self.model, self.processor = load_for_inference(model_dir, device, trained_in_bf16(model_dir), command)
         self.decoding = decoding
         self.max_length = self.model.config.text_config.max_position_embeddings  # GPT-2: n_positions
         self.pixel_values: torch.Tensor | None = None

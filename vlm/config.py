@@ -257,6 +257,7 @@ class PPOConfig:
     freeze_vision: bool = True
     lora: LoraConfig = field(default_factory=LoraConfig)
     deepspeed: str | None = None  # grpo / rloo (HF Trainer); ppo takes DeepSpeed from `accelerate launch` configs
+    bf16: bool = False  # bf16 mixed precision of the RL updates (Ampere or newer GPUs), as sft.bf16
     max_prompts: int | None = None  # questions of the prompt split used as queries (default: all)
     save_steps: int = 20
     eval_steps: int = 20  # held-out VQA accuracy every N updates (0: off)
@@ -355,6 +356,11 @@ class RunConfig:
     launcher: Literal["none", "torchrun", "deepspeed"] = "none"
     nproc_per_node: int = 1
     hostfile: str | None = None
+    # Where every stage and command runs its model (vlm/model.py pick_device): auto (CUDA when
+    # there is one, LOCAL_RANK's GPU under torchrun; else the CPU) | cuda (an error without one) |
+    # cpu (also on a GPU machine, e.g. to reproduce the CPU figures). Inference runs in bf16 on
+    # CUDA when the run trains in bf16 (sft.bf16), in fp32 on the CPU.
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -434,6 +440,12 @@ class RunConfig:
     def rm_dir(self) -> Path:
         """Where the rm stage trains: <run>/rm, or <run>/rm-fact for the fact-augmented model."""
         return self.paths.stage_dir("rm-fact" if self.rm.facts else "rm")
+
+    @property
+    def inference_bf16(self) -> bool:
+        """Inference (eval, sample, best-of-n, descriptions, captions) in bf16 where the run trains in
+        bf16: the precision SFT trained the model in (sft.bf16). Applies on CUDA only (vlm/model.py)."""
+        return self.sft.bf16
 
     @property
     def ppo_prompt_split(self) -> str:
@@ -673,7 +685,9 @@ STAGES = {
                     report=("objective", "steps", "seconds", "probe", "probe_untrained", "probe_split", "checkpoint")),
     "sft": Stage("stages.sft", "stage 1: answer-only supervised fine-tuning on VQA", distributed=True),
     # right after SFT: later stages that compare with the SFT model reuse this evaluation
-    "eval": Stage("stages.evaluate", "answer a split and score it with the official VQA metric", needs="vqa"),
+    # distributed: under the run's launcher the ranks answer disjoint shards (vlm/evaluation.py)
+    "eval": Stage("stages.evaluate", "answer a split and score it with the official VQA metric", distributed=True,
+                  needs="vqa"),
     "sample": Stage("stages.sample", "K sampled + the greedy answer per question into the label store, for labeling",
                     needs="vqa"),
     "autolabel": Stage("stages.autolabel", "label samples with ground truth by official VQA accuracy, as labeler auto",

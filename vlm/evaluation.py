@@ -15,19 +15,21 @@ baseline on the same split).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from vlm.config import RunConfig
 from vlm.data import check_vqa_record, load_split
 from vlm.features import image_source
 from vlm.files import write_json
 from vlm.generate import answer_questions
-from vlm.model import load_model
+from vlm.model import load_for_inference
 from vlm.regions import probe_towers
 from vlm.vqa_metric import check_results, official_question_id, read_question_ids, score_records, submission_answer
 
@@ -145,21 +147,114 @@ def write_predictions(path: Path, records: list[dict], predictions: list[str], r
     tmp.replace(path)
 
 
-def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path | None = None) -> dict:
+PARTIAL = "answers.partial"  # <run>/eval/<tag>/answers.partial[.rankR-of-W].jsonl while answering
+
+
+def shard_of_this_rank() -> tuple[int, int]:
+    """(rank, world size) of an evaluation under torchrun (the eval stage joins the ranks in a
+    process group), (0, 1) otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def partial_path(out_dir: Path, rank: int, world: int) -> Path:
+    return out_dir / (f"{PARTIAL}.jsonl" if world == 1 else f"{PARTIAL}.rank{rank}-of-{world}.jsonl")
+
+
+def partial_key(config: RunConfig, model_dir: Path, dtype: torch.dtype) -> dict:
+    """What the answers of a partial file depend on: another model (or the same folder retrained),
+    split, decoding, prompt or precision starts the answering over instead of mixing answers."""
+    weights = sorted(Path(model_dir).glob("*.safetensors*"))
+    return {"model": str(model_dir), "weights_mtime": max((w.stat().st_mtime for w in weights), default=None),
+            "split": config.eval.split, "decoding": vars(config.eval.decoding), "seed": config.seed,
+            "prompt_template": config.data.prompt_template, "max_length": config.data.max_length,
+            "dtype": str(dtype)}
+
+
+def read_partial(path: Path, key: dict) -> dict[str, str]:
+    """The answers a killed evaluation left (question id -> answer) when they are of the same key;
+    a torn last line (killed mid-write) is dropped, and the file is rewritten without it so that
+    appends start on a line of their own."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if header != {"partial_of": key}:
+        path.unlink()
+        return {}
+    answers, kept = {}, [lines[0]]
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # only the last line can be torn: appends are whole batches, fsynced in order
+        answers[row["question_id"]] = row["answer"]
+        kept.append(line)
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return answers
+
+
+def answer_resumably(config: RunConfig, model, processor, records: list[dict], images, path: Path,
+                     key: dict) -> tuple[dict[str, str], int]:
+    """Answers to `records` (question id -> answer; and how many answered now), each batch appended to `path` as soon as it is
+    answered: a killed evaluation resumes with the questions it had not answered, none twice.
+    Uninterrupted, the batches (and so the answers) are those of one pass over the records."""
+    answers = read_partial(path, key)
+    todo = [r for r in records if str(r["id"]) not in answers]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"partial_of": key}) + "\n")
+    if answers:
+        print(f"eval: resuming: {len(answers)} of {len(records)} questions answered before ({path})", flush=True)
+    batch_size = config.eval.batch_size
+    with open(path, "a") as f, tqdm(total=len(records), initial=len(records) - len(todo), desc="answering",
+                                    unit="question", dynamic_ncols=True) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            texts = answer_questions(model, processor, batch, images, config.data.prompt_template,
+                                     config.eval.decoding, batch_size, config.data.max_length)
+            f.write("".join(json.dumps({"question_id": str(r["id"]), "answer": a}) + "\n" for r, a in zip(batch, texts)))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the next batch: a kill loses at most the batch being answered
+            answers.update((str(r["id"]), a) for r, a in zip(batch, texts))
+            bar.update(len(batch))
+    return answers, len(todo)
+
+
+def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path | None = None,
+             sharded: bool = False) -> dict | None:
+    """Answers eval.split's questions with the model at `model_dir` and scores them into <run>/eval/<tag>.
+    `sharded` (the eval stage under torchrun, in a process group): ranks answer disjoint shards and
+    rank 0 writes the one results file; the other ranks return None. Not sharded, the training
+    stages' rank 0 evaluates alone while the other ranks wait in their own process group."""
     out_dir = config.paths.eval_dir(tag)
     split = config.eval.split
     results_path = out_dir / "results.json"
     records, question_ids, checked_against = questions_to_answer(config, results_path, questions_file)
+    rank, world = shard_of_this_rank() if sharded else (0, 1)
 
     torch.manual_seed(config.seed)  # sampling decodes are reproducible
-    model, processor = load_model(model_dir)
+    model, processor = load_for_inference(model_dir, config.device, config.inference_bf16, f"eval[{tag}]")
     images = image_source(config.data.feature_cache, config.data_dir, processor, model, True, str(model_dir))
+    key = partial_key(config, model_dir, model.dtype)
     started = time.perf_counter()
-    predictions = answer_questions(
-        model, processor, records, images, config.data.prompt_template, config.eval.decoding,
-        config.eval.batch_size, config.data.max_length, progress=True,
-    )
+    answers, answered_now = answer_resumably(config, model, processor, records[rank::world], images,
+                                             partial_path(out_dir, rank, world), key)
     seconds = time.perf_counter() - started
+    if world > 1:
+        torch.distributed.barrier()  # every shard's answers are on disk
+        if rank != 0:
+            return None
+        for other in range(1, world):
+            answers.update(read_partial(partial_path(out_dir, other, world), key))
+    predictions = [answers[str(r["id"])] for r in records]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results = submission(records, predictions)
@@ -169,7 +264,11 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path 
     scored = [(r, p) for r, p in zip(records, predictions) if check_vqa_record(r) is None]
     report = _scored(*zip(*scored), "question_type") if scored else None
     write_predictions(out_dir / "predictions.jsonl", records, predictions, report)
-    where = {"results": str(results_path), "results_checked_against": checked_against}
+    for shard in range(world):  # answered and written: the partial answers are done with
+        partial_path(out_dir, shard, world).unlink(missing_ok=True)
+    where = {"results": str(results_path), "results_checked_against": checked_against,
+             "device": str(next(model.parameters()).device), "dtype": str(model.dtype).removeprefix("torch."),
+             "ranks": world}
     if report is None:
         # Nothing to score: no metrics.json (one left from another split would be read as this one's).
         (out_dir / "metrics.json").unlink(missing_ok=True)
@@ -186,7 +285,7 @@ def evaluate(config: RunConfig, model_dir: Path, tag: str, questions_file: Path 
         "by_question_type": report.by_question_type,
         "by_question_family": _scored(*zip(*scored), "question_family").by_question_type,
         "seconds": round(seconds, 2),
-        "samples_per_second": round(len(records) / seconds, 1),
+        "samples_per_second": round(answered_now * world / seconds, 1),  # answered by this run, all ranks
         "baselines": {"majority_answer": majority_answer_baseline(config, [r for r, _ in scored])},
         "train_check": memorisation_check(config, model, processor, images),
         "tower_probe": tower_probe(config, model),

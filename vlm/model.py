@@ -11,6 +11,9 @@ built untied and `wte` is copied into `lm_head` once: same start, separate weigh
 """
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -32,7 +35,7 @@ from transformers import (
 )
 
 from vlm import projectors  # registers the non-default projector types with transformers' Auto classes
-from vlm.config import ModelConfig
+from vlm.config import ConfigError, ModelConfig
 from vlm.vision import clip_image_processor
 
 IMAGE_TOKEN = "<image>"
@@ -232,6 +235,58 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, **kwargs):
     model = projectors.class_for_saved(path).from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "right"
+    return model, processor
+
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """The one device rule of every stage and command that runs a model (config key `device`,
+    the commands' --device): CUDA when there is one, else the CPU. Under torchrun each process
+    takes LOCAL_RANK's GPU, so ranks never pile onto cuda:0."""
+    if choice not in DEVICES:
+        raise ConfigError(f"config key 'device' is {choice!r}; allowed: {list(DEVICES)}")
+    if choice == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if choice == "cuda":
+            raise ConfigError("config key 'device' is 'cuda' but torch sees no CUDA device here "
+                              "(torch.cuda.is_available() is False); use device=auto or device=cpu")
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def inference_dtype(device: torch.device, bf16: bool) -> torch.dtype:
+    """bf16 where the run asks for it and the device is a GPU; fp32 on the CPU, where bf16 matmuls
+    are slower than fp32 and the CPU figures were measured in fp32."""
+    return torch.bfloat16 if bf16 and device.type == "cuda" else torch.float32
+
+
+def announce_device(what: str, device: torch.device, dtype: torch.dtype) -> None:
+    """The first line a command that runs a model prints: where and in what precision it runs (on
+    stderr, so that stdout stays the command's answers)."""
+    print(f"{what}: device {device}, dtype {str(dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
+
+
+def trained_in_bf16(path: str | Path) -> bool:
+    """Whether a saved model's run trained in bf16 (sft.bf16 of the training_config.json saved with
+    it, as RunConfig.inference_bf16): the commands given a model dir and no config (ask, chat,
+    caption) infer in the precision the model was trained in."""
+    saved = Path(path) / "training_config.json"
+    if not saved.is_file():
+        return False
+    return bool(json.loads(saved.read_text()).get("sft", {}).get("bf16", False))
+
+
+def load_for_inference(path: str | Path, device: str = "auto", bf16: bool = False, what: str = "model"):
+    """A saved VLM and its processor, in eval mode on the chosen device and dtype (pick_device,
+    inference_dtype). vlm/generate.py moves every batch to the model's device and dtype."""
+    chosen = pick_device(device)
+    dtype = inference_dtype(chosen, bf16)
+    announce_device(what, chosen, dtype)
+    model, processor = load_model(path, dtype=dtype)
+    model.to(chosen).eval()
     return model, processor
 
 

@@ -48,6 +48,9 @@ def config_fingerprint(config: RunConfig, stage: str | None = None) -> str:
     never prep, vision or SFT. A section named after a stage is that stage's; the others (seed,
     model, data, eval, ...) are every stage's. No stage reads a later stage's section."""
     settings = to_dict(config)
+    # Where the run computes is not what it computes: a run moved to a GPU machine (device=auto)
+    # resumes its stages instead of starting them again.
+    settings.pop("device")
     if stage is not None:
         order = list(STAGES)
         later = set(order[order.index(stage) + 1:]) - SHARED_SECTIONS

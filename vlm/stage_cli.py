@@ -109,6 +109,9 @@ def decoding_arguments(parser: argparse.ArgumentParser) -> None:
                         help="0: greedy (default); above 0: sampling at this temperature")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="where the model runs (default auto: CUDA when there is one, else the CPU); bf16 on "
+                             "CUDA when the model was trained in bf16")
 
 
 def decoding_config(args) -> DecodingConfig:
@@ -121,7 +124,7 @@ def decoding_config(args) -> DecodingConfig:
     return DecodingConfig(strategy="greedy", max_new_tokens=args.max_new_tokens)
 
 
-def open_session(args):
+def open_session(args, command: str):
     """A ChatSession on --model about --image (None: text only), or exit with the reason."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # the answer, not library notices
     from transformers.utils import logging
@@ -130,7 +133,7 @@ def open_session(args):
     from vlm.chat import ChatSession
 
     try:
-        session = ChatSession(args.model, decoding_config(args))
+        session = ChatSession(args.model, decoding_config(args), args.device, command)
         session.set_image(args.image)
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")

@@ -383,8 +383,14 @@ def part_learning_rates(config: TrainConfig) -> dict[str, float]:
     }
 
 
-def training_arguments(config: TrainConfig, output_dir: Path, seed: int, **overrides) -> TrainingArguments:
-    use_cuda = torch.cuda.is_available()
+def training_arguments(config: TrainConfig, output_dir: Path, seed: int, device: str = "auto",
+                       **overrides) -> TrainingArguments:
+    """The HF Trainer's arguments of a stage. `device` is the run's config key: the Trainer places the
+    model itself (LOCAL_RANK's GPU under torchrun), and only needs telling when it must stay on the CPU."""
+    from vlm.model import announce_device, pick_device
+
+    chosen = pick_device(device)
+    announce_device("train", chosen, torch.bfloat16 if config.bf16 else torch.float32)
     kwargs = dict(
         output_dir=str(output_dir),
         max_steps=config.steps,
@@ -404,7 +410,7 @@ def training_arguments(config: TrainConfig, output_dir: Path, seed: int, **overr
         seed=seed,
         data_seed=seed,
         bf16=config.bf16,
-        use_cpu=not use_cuda,
+        use_cpu=chosen.type == "cpu",
         deepspeed=config.deepspeed,
         report_to=tensorboard_logging(output_dir),
         remove_unused_columns=False,
@@ -532,7 +538,7 @@ def prepare_for_training(model, processor, config: TrainConfig, base_dir: Path |
 
 
 def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path, seed: int,
-                  callbacks=()) -> VLMTrainer:
+                  callbacks=(), device: str = "auto") -> VLMTrainer:
     """The HF Trainer of a stage: checkpoints in <work_dir>/checkpoints, per-part learning rates."""
     if schedule_phases(config):
         callbacks = [UnfreezeSchedule(model, config), *callbacks]
@@ -544,7 +550,7 @@ def build_trainer(model, processor, dataset, config: TrainConfig, work_dir: Path
     with_head = embedding_head(model) is not None
     return VLMTrainer(
         model=model,
-        args=training_arguments(config, work_dir / "checkpoints", seed),
+        args=training_arguments(config, work_dir / "checkpoints", seed, device),
         train_dataset=dataset,
         data_collator=(EmbeddingCollator if with_head else VLMCollator)(processor.tokenizer.pad_token_id),
         callbacks=list(callbacks),

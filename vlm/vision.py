@@ -104,9 +104,13 @@ def batch_indices(count: int, batch_size: int, seed: int, step: int) -> torch.Te
 @torch.no_grad()
 def encode_patches(tower: CLIPVisionModel, pixels: torch.Tensor, feature_layer: int = -1,
                    batch_size: int = 256) -> torch.Tensor:
+    """Patch tokens of `pixels` (on the CPU, fp32) by a tower on any device and dtype: the probes
+    that read them fit in fp32 on the CPU whatever the model was evaluated in."""
     was_training = tower.training
     tower.eval()
-    out = torch.cat([patch_tokens(tower, pixels[i:i + batch_size], feature_layer)
+    weight = next(tower.parameters())
+    out = torch.cat([patch_tokens(tower, pixels[i:i + batch_size].to(weight.device, weight.dtype),
+                                  feature_layer).float().cpu()
                      for i in range(0, len(pixels), batch_size)])
     tower.train(was_training)
     return out
