@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
         parser.error(str(exc))
-    if not config.paths.report_json.is_file() or not config.paths.eval_metrics("sft").is_file():
+    if not config.paths.eval_metrics("sft").is_file():
         raise SystemExit(f"bench rlhf: no finished run at {config.run_dir}: run ./launch.sh {config_path} first")
     start = json.loads(config.paths.eval_metrics("sft").read_text())["vqa_accuracy"]
     results: dict[str, dict] = {}
