@@ -14,6 +14,8 @@ model question by question (paired bootstrap 95% CI; error removed = share of th
   dpo         DPO of the policy on (correct, incorrect) answers to one question (rm.objective=dpo)
   rft         rejection-sampling fine-tuning: SFT on the answers labeled correct (ReST / RAFT)
   judge       the run's likelihood reward model answering as a policy (its own greedy answers)
+  noisy       the mission's path again from the SFT model with a labeler who errs on 10% of the
+              answers (autolabel.error_rate=0.1): new labels, reward model and PPO
   verifiable  control: PPO with official VQA accuracy as the reward (a perfect labeler), same budget
   ceiling     control: SFT on the rl images' written answers (a person answers every rl question)
 
@@ -36,18 +38,21 @@ from vlm.evaluation import compare_evaluations
 from vlm.files import write_json
 from vlm.stage_cli import DEFAULT_CONFIG, config_path_and_overrides
 
-METHODS = ("ppo", "grpo", "rloo", "dpo", "rft", "judge", "verifiable", "ceiling")
-DEFAULT_METHODS = ("ppo", "grpo", "dpo", "rft", "judge", "verifiable", "ceiling")
+METHODS = ("ppo", "grpo", "rloo", "dpo", "rft", "judge", "noisy", "verifiable", "ceiling")
+DEFAULT_METHODS = ("ppo", "grpo", "dpo", "rft", "judge", "noisy", "verifiable", "ceiling")
+NOISY_LABELER_ERROR = 0.1
 
 
 def method_overrides(config: RunConfig, method: str) -> list[str]:
     """A method's own run: <run>/bench-rlhf/<method>, reading the run's data, tower, SFT model, labels."""
     run = config.run_dir
-    return [f"output_root={run / 'bench-rlhf'}", f"name={method}", f"data.dir={config.data_dir}",
-            f"model.vision_model={config.model.vision_model}", f"data.feature_cache={config.data.feature_cache}",
-            f"ppo.policy={config.sft_final}", f"ppo.reward_model={config.paths.final('rm')}",
-            f"rm.labels={config.paths.stage_dir('rm') / 'labels'}", f"rm.base={config.sft_final}",
-            "rm.best_of_n=0", "rm.candidate_questions=0", "rlhf.rounds=1", "ppo.oracle_control=false"]
+    shared = [f"output_root={run / 'bench-rlhf'}", f"name={method}", f"data.dir={config.data_dir}",
+              f"model.vision_model={config.model.vision_model}", f"data.feature_cache={config.data.feature_cache}",
+              f"ppo.policy={config.sft_final}", f"rm.base={config.sft_final}", "rm.best_of_n=0",
+              "rm.candidate_questions=0", "rlhf.rounds=1", "ppo.oracle_control=false"]
+    if method == "noisy":  # its own labels (its own label store), reward model and PPO
+        return [*shared, f"sample.model={config.sft_final}", f"autolabel.error_rate={NOISY_LABELER_ERROR}"]
+    return [*shared, f"ppo.reward_model={config.paths.final('rm')}", f"rm.labels={config.paths.stage_dir('rm') / 'labels'}"]
 
 
 def plan(config: RunConfig, method: str, bench_dir: Path) -> tuple[list[list[str]], Path]:
@@ -63,6 +68,9 @@ def plan(config: RunConfig, method: str, bench_dir: Path) -> tuple[list[list[str
         return [stage("stages.rm", *extra), evaluate(bench_dir / "rm" / "final")], bench_dir / "eval" / "policy"
     if method == "judge":
         return [evaluate(config.paths.final("rm"))], bench_dir / "eval" / "policy"
+    if method == "noisy":
+        return [stage("stages.sample"), stage("stages.autolabel"), stage("stages.rm"), stage("stages.ppo")], \
+            bench_dir / "eval" / "ppo"
     if method == "ceiling":
         extra = [f"model.checkpoint={config.sft_final}", f"data.train_split={config.data.rl_split}",
                  "data.answer_images=null"]
@@ -95,6 +103,9 @@ def measure(config: RunConfig, config_path: str, overrides: list[str], method: s
     change = compare_evaluations(sft_eval, eval_dir, seed=config.seed)
     rm_metrics = bench_dir / "rm" / "metrics.json"
     labels = None
+    if method == "noisy":
+        noisy_rm = json.loads(rm_metrics.read_text())
+        labels = noisy_rm["train_labels"] + noisy_rm["heldout_labels"]
     if method in ("dpo", "rft", "judge", "grpo", "rloo"):  # they learn from the run's labels (or its reward model)
         run_rm = json.loads(config.paths.metrics("rm").read_text())
         labels = run_rm["train_labels"] + run_rm["heldout_labels"]
@@ -138,7 +149,7 @@ def main(argv=None) -> int:
         config = load_config(config_path, overrides)
     except ConfigError as exc:
         parser.error(str(exc))
-    if not config.paths.report_json.is_file() or not config.paths.eval_metrics("sft").is_file():
+    if not config.paths.eval_metrics("sft").is_file():
         raise SystemExit(f"bench rlhf: no finished run at {config.run_dir}: run ./launch.sh {config_path} first")
     start = json.loads(config.paths.eval_metrics("sft").read_text())["vqa_accuracy"]
     results: dict[str, dict] = {}

@@ -16,6 +16,7 @@ from vlm.config import STAGES
 RUNS_AND_MODELS = {
     "run": ("stages.pipeline", "run a config's stages end to end (what ./launch.sh does)"),
     "report": ("stages.report", "rebuild a run's report.json / report.md / report.png"),
+    "docs": ("stages.docs", "regenerate the figures of README.md and docs/ from stored reports (--check: CI)"),
     "compare": ("stages.compare", "runs' reports side by side: VQA accuracy, caption CIDEr-D, time, throughput"),
     "score": ("vlm.vqa_metric", "score predictions with the official VQA accuracy metric"),
     "ask": ("stages.ask", "answer one question about an image with a trained model (streamed)"),

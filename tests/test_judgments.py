@@ -270,7 +270,11 @@ def test_bench_rlhf_runs_each_peer_from_the_runs_sft_model_on_its_labels(tmp_pat
         assert eval_dir.parent.name == "eval"
     assert modules == {"grpo": ["stages.ppo"], "rloo": ["stages.ppo"], "verifiable": ["stages.ppo"],
                        "dpo": ["stages.rm", "stages.evaluate"], "rft": ["stages.rm", "stages.evaluate"],
-                       "judge": ["stages.evaluate"], "ceiling": ["stages.sft", "stages.evaluate"]}
+                       "judge": ["stages.evaluate"], "ceiling": ["stages.sft", "stages.evaluate"],
+                       "noisy": ["stages.sample", "stages.autolabel", "stages.rm", "stages.ppo"]}
+    noisy = method_overrides(config, "noisy")  # its own labels: no rm.labels, no ppo.reward_model of the run
+    assert "autolabel.error_rate=0.1" in noisy and f"sample.model={run / 'sft' / 'final'}" in noisy
+    assert not any(o.startswith(("rm.labels=", "ppo.reward_model=")) for o in noisy)
     rft, _ = plan(config, "rft", run / "bench-rlhf" / "rft")
     assert "rm.only_correct=true" in rft[0] and "rm.objective=likelihood" in rft[0]
     ceiling, _ = plan(config, "ceiling", run / "bench-rlhf" / "ceiling")

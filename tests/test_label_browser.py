@@ -1,41 +1,12 @@
 """The labeling page in a real headless Chromium (Debian's, driven by Playwright): keyboard labels and undo."""
-import shutil
-import threading
-from contextlib import contextmanager
-
 import pytest
 
-from rewards.label_app import make_server
+from rewards.label_browser import CHROMIUM, labeling_page
 from rewards.label_store import LabelStore
 from tests.test_label_app import make_dataset
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed "
                                                          "(.ci/run installs it: apt-get install chromium)")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-@contextmanager
-def labeling_page(store: LabelStore, query: str, token: str | None = None):
-    """The label server on a free local port and its page open in headless Chromium at `query`:
-    yields (page, the page's JavaScript errors); closes the browser and the server after."""
-    from playwright.sync_api import sync_playwright
-
-    server = make_server(store, "127.0.0.1", 0, token=token)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page()
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(f"http://127.0.0.1:{server.server_address[1]}/?{query}")
-            yield page, errors
-            browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("token", [None, "t0ken"])

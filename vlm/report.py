@@ -133,6 +133,7 @@ def _rlhf_entry(paths: RunPaths) -> dict | None:
         "methods": {"ppo": {
             "test": ppo["vqa_accuracy_after"], "change": vs["change"], "ci95": vs["ci95"],
             "error_removed": vs["error_removed"], "better": vs["better"], "worse": vs["worse"],
+            "by_family": vs.get("by_family"),
             "labels": rm and rm["train_labels"] + rm["heldout_labels"], "seconds": round(seconds, 1),
             "rounds": len(round_paths), "reward": ppo["reward"], "by_round": by_round}},
         "bench": _read(paths.root / "bench-rlhf" / "table.json"),
@@ -165,9 +166,36 @@ READERS = {
 }
 
 
+def provenance(paths: RunPaths) -> dict:
+    """Where the figures come from: the code's commit, the machine (CPU model), torch threads, the
+    run's seed (from the SFT model's saved config) and the date the report was built. Figures
+    differ across CPUs and thread counts; a figure without these is not a figure."""
+    import datetime
+    import platform
+    import subprocess
+
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        if names:
+            cpu = f"{names[0]} ({len(names)} cores)"
+    saved = _read(paths.final("sft") / "training_config.json") or {}
+    return {"commit": commit, "cpu": cpu, "threads": torch.get_num_threads(), "seed": saved.get("seed"),
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+
+
 def build_report(run_dir: Path) -> dict:
     paths = RunPaths(Path(run_dir))
-    report: dict = {"run_dir": str(paths.root), "stages": {}, "baselines": {}}
+    report: dict = {"run_dir": str(paths.root), "provenance": provenance(paths), "stages": {}, "baselines": {}}
     for stage, spec in STAGES.items():  # pipeline order
         if stage in READERS:
             name, reader = READERS[stage]
