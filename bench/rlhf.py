@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,7 +160,8 @@ def main(argv=None) -> int:
         except Exception as exc:  # one method's failure is its row, not the end of the bench
             results[method] = {"error": f"{type(exc).__name__}: {exc}"}
             print(f"bench rlhf: {method} failed: {exc}", file=sys.stderr, flush=True)
-    out = {"command": " ".join(["vqa-rlhf bench rlhf", config_path, *overrides, "--methods", ",".join(methods)]),
+    shown = os.path.relpath(config_path) if Path(config_path).is_absolute() else config_path
+    out = {"command": " ".join(["vqa-rlhf bench rlhf", shown, *overrides, "--methods", ",".join(methods)]),
            "start": start, "methods": {name: r for name, r in results.items() if "error" not in r},
            "failed": {name: r["error"] for name, r in results.items() if "error" in r}}
     write_json(config.run_dir / "bench-rlhf" / "table.json", out)
