@@ -162,9 +162,9 @@ def real_size_run(work: Path, overrides: list[str], test_images: int = 8):
     import torch
 
     from vlm.config import load_config
+    from vlm.data import corpus
     from vlm.model import build_model, build_processor
     from data_prep.synthetic import SyntheticConfig, generate
-    from stages.sft import corpus
 
     data = work / "data"
     generate(SyntheticConfig(image_size=B32["image_size"], train_images=40, val_images=8, test_images=test_images, rl_images=32),

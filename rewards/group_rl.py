@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from vlm.config import RunConfig, to_dict
+from vlm.config import RunConfig, TrainConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_rgb, load_split, reference_of
 from vlm.files import write_json
 from vlm.image_input import llava_of
 from vlm.model import announce_device, load_model, pick_device
-from vlm.train import last_complete_checkpoint, save_final, tensorboard_logging
+from vlm.train import last_complete_checkpoint, save_final, set_trainable, tensorboard_logging
 from vlm.vqa_metric import vqa_accuracy
 from rewards.base import Reward, RewardContext, build_reward, inputs_from_references
 from rewards.reward_model import position_ids_from_mask
@@ -135,6 +135,8 @@ def train(config: RunConfig, work_dir: Path | None = None) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     policy_dir = config.ppo_policy
     policy, processor = load_model(policy_dir)
+    # ppo.freeze_vision, as PPO does: the tower that made the feature cache stays the same tower
+    set_trainable(policy, TrainConfig(freeze_vision=ppo.freeze_vision, lora=ppo.lora, lr=ppo.lr))
     processor.tokenizer.padding_side = "left"  # trl pads prompts on the left for generation
     pixels = ImageCache(processor.image_processor, config.data_dir)  # trl's trainers read pixels
     try:

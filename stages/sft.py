@@ -32,8 +32,8 @@ from vlm.data import (
     SupervisedDataset,
     answer_carrying,
     caption_items,
+    corpus,
     load_split,
-    split_exists,
     training_tasks,
     vqa_items,
 )
@@ -51,23 +51,6 @@ from vlm.train import (
     train_and_save,
 )
 from vlm.vqa_metric import score_records
-
-
-def corpus(config: RunConfig):
-    """Texts a from-scratch tokenizer is trained on: prompts, answers and captions of the train split.
-
-    Everything the dataset holds, whatever data.supervision trains on: a captions-only run
-    and a VQA + captions run on the same data get the same tokenizer."""
-    data_dir, split = config.data_dir, config.data.train_split
-    prompt = config.data.prompt_template.format(question="")
-    yield prompt + " " + config.data.caption_prompt
-    if split_exists(data_dir, "vqa", split):
-        for record in load_split(data_dir, "vqa", split):
-            yield config.data.prompt_template.format(question=record["question"])
-            yield " ".join(record["answers"])
-    if split_exists(data_dir, "captions", split):
-        for record in load_split(data_dir, "captions", split):
-            yield record["caption"]
 
 
 def setup_model(config: RunConfig, work_dir: Path):

@@ -22,7 +22,7 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path)
     assert sft["checkpoint"] == str(run_dir / "sft" / "final")
     assert 0 <= report["baselines"]["majority_answer"] <= 100
     stages = report["stages"]
-    assert set(stages) == {"vision", "sft", "rm", "ppo", "instruct", "caption_eval"}
+    assert set(stages) == {"vision", "sft", "rm", "ppo", "rlhf", "instruct", "caption_eval"}
     # SFT built on the vision stage's tower, kept it frozen and read the tower's feature cache
     assert stages["sft"]["tower_probe"]["shape"] == pytest.approx(
         json.loads((run_dir / "eval" / "sft" / "metrics.json").read_text())["tower_probe"]["shape"])

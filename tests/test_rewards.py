@@ -155,7 +155,7 @@ def test_the_fact_model_reads_the_caption_and_a_wrong_caption_flips_its_score(
     from stages.rm import train
 
     root, labels = colour_facts
-    config = config_with(tiny_overrides, "rm.facts=true", "rm.steps=200", "rm.batch_size=36", "rm.lr=3e-3",
+    config = config_with(tiny_overrides, "rm.facts=true", "rm.objective=pointwise", "rm.steps=200", "rm.batch_size=36", "rm.lr=3e-3",
                          "rm.warmup_steps=0", "rm.save_steps=1000", "rm.logging_steps=100", "rm.heldout_fraction=0.25",
                          "rm.best_of_n=0", "rm.freeze_vision=true")
     assert config.rm_dir == config.run_dir / "rm-fact"
@@ -182,7 +182,8 @@ def test_fact_model_training_needs_captions(saved_tiny_model, tiny_overrides, ti
     shutil.copytree(tiny_data_dir, no_captions, ignore=shutil.ignore_patterns("captions"))
     labels = planted_labels(no_captions, tmp_path / "labels")
     with pytest.raises(SystemExit, match="rm.facts=true needs .* no captions"):
-        train(config_with(tiny_overrides, "rm.facts=true", "rm.steps=1"), labels, saved_tiny_model)
+        train(config_with(tiny_overrides, "rm.facts=true", "rm.objective=pointwise", "rm.steps=1"), labels,
+              saved_tiny_model)
 
 
 def test_soft_targets_train_on_the_official_accuracy(saved_tiny_model, tiny_data_dir, tiny_overrides, tmp_path,

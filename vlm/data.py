@@ -495,3 +495,20 @@ def reference_of(record: dict, captions: dict[str, str]) -> dict:
     answers = record.get("answers")
     return {"id": str(record["id"]), "image": record["image"], "question": record["question"],
             "answers": list(answers) if isinstance(answers, list) else [], "caption": captions.get(record["image"])}
+
+
+def corpus(config):
+    """Texts a from-scratch tokenizer is trained on: prompts, answers and captions of the train split.
+
+    Everything the dataset holds, whatever data.supervision trains on: a captions-only run
+    and a VQA + captions run on the same data get the same tokenizer."""
+    data_dir, split = config.data_dir, config.data.train_split
+    prompt = config.data.prompt_template.format(question="")
+    yield prompt + " " + config.data.caption_prompt
+    if split_exists(data_dir, "vqa", split):
+        for record in load_split(data_dir, "vqa", split):
+            yield config.data.prompt_template.format(question=record["question"])
+            yield " ".join(record["answers"])
+    if split_exists(data_dir, "captions", split):
+        for record in load_split(data_dir, "captions", split):
+            yield record["caption"]
