@@ -34,7 +34,9 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path)
     assert set(stages["rm"]["baselines"]) == {"similarity", "exact_match"}
     assert {"algo", "vqa_accuracy_before", "vqa_accuracy_after", "mean_reward", "kl", "seconds"} <= set(stages["ppo"])
     assert set(stages["instruct"]) == {"vqa_accuracy_before", "vqa_accuracy_after", "description_precision",
-                                       "description_recall", "seconds"}
+                                       "description_recall", "seconds", "vqa_change"}
+    assert set(stages["instruct"]["vqa_change"]) == {"change", "ci95", "error_removed"}  # paired, over the policy
+    assert {"start", "reference", "methods"} <= set(stages["rlhf"]) and "ppo" in stages["rlhf"]["methods"]
     assert (run_dir / "report.md").read_text().startswith("# Run report")
     assert (run_dir / "report.png").stat().st_size > 1000
     assert "baseline: majority_answer" in result.stdout  # the closing table
