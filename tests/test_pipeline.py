@@ -38,6 +38,9 @@ def test_smoke_run_writes_the_report_and_a_rerun_skips_finished_stages(tmp_path)
     assert set(stages["instruct"]["vqa_change"]) == {"change", "ci95", "error_removed"}  # paired, over the policy
     assert {"start", "reference", "methods"} <= set(stages["rlhf"]) and "ppo" in stages["rlhf"]["methods"]
     assert (run_dir / "report.md").read_text().startswith("# Run report")
+    provenance = report["provenance"]  # recorded by the pipeline when it started: the stages' threads
+    assert provenance == json.loads((run_dir / "provenance.json").read_text())
+    assert provenance["seed"] == 0 and provenance["threads"] >= 1 and provenance["cpu"] and provenance["date"]
     assert (run_dir / "report.png").stat().st_size > 1000
     assert "baseline: majority_answer" in result.stdout  # the closing table
     results = json.loads((run_dir / "eval" / "sft" / "results.json").read_text())

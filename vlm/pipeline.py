@@ -19,7 +19,7 @@ from pathlib import Path
 from vlm.config import ROUND_STAGES, STAGES, RunConfig, to_dict
 from vlm.data import split_exists, training_tasks
 from vlm.files import write_json
-from vlm.report import build_report, print_table
+from vlm.report import build_report, machine_provenance, print_table
 
 
 def stage_command(config: RunConfig, stage: str, config_path: str, overrides: list[str]) -> list[str]:
@@ -132,6 +132,7 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
     """`config` is `config_path` with `overrides` applied; the stage processes get the path and overrides."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "provenance.json", machine_provenance(to_dict(config)))  # the report's source line
     main_overrides = overrides
     for stage, config, overrides in plan_rounds(config, stages, main_overrides):
         fingerprint = config_fingerprint(config, stage)

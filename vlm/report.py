@@ -168,8 +168,19 @@ READERS = {
 
 def provenance(paths: RunPaths) -> dict:
     """Where the figures come from: the code's commit, the machine (CPU model), torch threads, the
-    run's seed (from the SFT model's saved config) and the date the report was built. Figures
-    differ across CPUs and thread counts; a figure without these is not a figure."""
+    run's seed (from the SFT model's saved config) and the date. Figures differ across CPUs and
+    thread counts; a figure without these is not a figure. The pipeline records them when it starts
+    (<run>/provenance.json: the process the stages inherit their threads from); a report rebuilt
+    for a run without that file records the rebuilding process's."""
+    recorded = _read(paths.root / "provenance.json")
+    if recorded:
+        return recorded
+    return machine_provenance(_read(paths.final("sft") / "training_config.json") or {})
+
+
+def machine_provenance(config: dict) -> dict:
+    """This process's commit, CPU model, torch threads and date, with the seed of `config` (a run config
+    as a dict)."""
     import datetime
     import platform
     import subprocess
@@ -188,8 +199,7 @@ def provenance(paths: RunPaths) -> dict:
                  if line.startswith("model name")]
         if names:
             cpu = f"{names[0]} ({len(names)} cores)"
-    saved = _read(paths.final("sft") / "training_config.json") or {}
-    return {"commit": commit, "cpu": cpu, "threads": torch.get_num_threads(), "seed": saved.get("seed"),
+    return {"commit": commit, "cpu": cpu, "threads": torch.get_num_threads(), "seed": config.get("seed"),
             "date": datetime.date.today().isoformat(), "torch": torch.__version__}
 
 
