@@ -91,3 +91,27 @@ def test_every_readme_command_runs_or_answers_help():
 def test_the_readme_python_example_compiles():
     for block in fenced(README, "python"):
         compile(block, "README.md", "exec")
+
+
+RECORDS = sorted((REPO / "docs" / "results").glob("*.json"))
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda p: p.stem)
+def test_every_recorded_measurement_says_how_where_and_when_and_is_shown(record):
+    import json
+
+    fields = json.loads(record.read_text())
+    missing = {"question", "command", "commit", "machine", "date", "columns", "rows"} - set(fields)
+    assert not missing, f"{record.name} lacks {sorted(missing)}"
+    assert all(len(row) == len(fields["columns"]) for row in fields["rows"]), f"{record.name}: a row's width"
+    source = f"record docs/results/{record.name} -->"
+    assert any(source in page.read_text() for page in PAGES), f"no page shows {record.name}"
+
+
+def test_a_summary_row_is_computed_from_the_rows_not_typed():
+    from vlm.docs import render_record
+
+    record = {"question": "Q?", "command": "c", "commit": "abc1234", "machine": "m", "date": "d",
+              "columns": ["seed", "test"], "rows": [[0, 99.18], [1, 99.39], [2, 98.82]],
+              "summary": {"label": "mean +- sd", "columns": [1]}}
+    assert render_record(record)[-1] == "| mean +- sd | 99.13 +- 0.29 |"

@@ -11,13 +11,15 @@ Kinds: `stages` (a run report's first table: what each stage bought on test, wit
 `families` (per question family: the SFT model and after RLHF), `rlhf` (the ways to learn from
 judgments side by side), `rm` (what the reward model knows), `provenance` (commit, machine,
 threads, seed, date of a report), `record` (a recorded measurement: docs/results/*.json, a table
-with the command, commit and machine it was measured with). `vqa-rlhf docs` rewrites every block;
+with the command, commit, machine, date and seed it was measured with; `source`: the commit whose
+README first reported it; `summary`: a mean +- sd row computed from the rows). `vqa-rlhf docs` rewrites every block;
 `vqa-rlhf docs --check` (a test runs it) fails naming the file and block that differ.
 """
 from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 from vlm.report import STAGE_COLUMNS, stage_rows
@@ -85,11 +87,25 @@ def render_provenance(report: dict) -> list[str]:
     return [provenance_line(report)]
 
 
+def summary_row(record: dict) -> list:
+    """A record's `summary` row, computed from its rows, never typed: {"label": "mean +- sd", "columns": [i, ...]}
+    puts mean +- sample sd of those columns under the table."""
+    summary = record["summary"]
+    row: list = [summary["label"]] + [""] * (len(record["columns"]) - 1)
+    for column in summary["columns"]:
+        values = [float(r[column]) for r in record["rows"]]
+        row[column] = f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
+    return row
+
+
 def render_record(record: dict) -> list[str]:
     lines = [f"**{record['question']}** Measured with `{record['command']}` at commit {record['commit']}, "
-             f"{record['machine']}, {record['date']}" + (f"; {record['note']}" if record.get("note") else "") + ".",
+             f"{record['machine']}, {record['date']}" + (f", seed {record['seed']}" if "seed" in record else "")
+             + (f"; {record['note']}" if record.get("note") else "")
+             + (f" (recorded in `git show {record['source']}:README.md`)" if record.get("source") else "") + ".",
              ""]
-    return lines + _table(record["columns"], record["rows"])
+    rows = record["rows"] + ([summary_row(record)] if record.get("summary") else [])
+    return lines + _table(record["columns"], rows)
 
 
 RENDERERS = {"stages": render_stages, "families": render_families, "rlhf": render_rlhf, "rm": render_rm,
