@@ -66,3 +66,26 @@ def test_pairwise_mode_judges_two_answers_with_the_keyboard(tmp_path):
             (1, 3, "b", "alice"), (2, 4, "both_wrong", "alice")]
     finally:
         store.close()
+
+
+def test_docs_pictures_copy_a_runs_plots_and_screenshot_its_labeling_page(tmp_path, monkeypatch):
+    """`vqa-rlhf docs --pictures RUN --store RUN` fills docs/img/ and docs/reports/ from a finished run."""
+    from stages import docs
+
+    run, repo = tmp_path / "runs" / "default", tmp_path / "repo"
+    (run / "ppo").mkdir(parents=True)
+    (run / "labels").mkdir()
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
+    (run / "report.png").write_bytes(png)
+    (run / "ppo" / "ppo.png").write_bytes(png)
+    (run / "report.json").write_text('{"stages": {}}')
+    store = LabelStore(run / "labels" / "labels.db", create=True)
+    store.add_samples(tmp_path / "data", make_dataset(tmp_path / "data", 2))
+    store.close()
+    monkeypatch.setattr(docs, "REPO", repo)
+    (repo / "docs").mkdir(parents=True)
+    assert docs.main(["--store", str(run), "--pictures", str(run)]) == 0
+    assert (repo / "docs/reports/default/report.json").read_text() == '{"stages": {}}'
+    assert (repo / "docs/img/report.png").read_bytes() == png == (repo / "docs/img/ppo.png").read_bytes()
+    shot = (repo / "docs/img/labeling.png").read_bytes()
+    assert shot.startswith(b"\x89PNG") and len(shot) > 5000  # a real screenshot of the page, not an empty file
