@@ -110,9 +110,9 @@ class PreferencePairCollator:
 
 
 @torch.no_grad()
-def answer_probabilities(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128,
-                         image_key: str = "pixel_values") -> list[float]:
-    """p(answer) of encoded rows, in order (the reward of each)."""
+def answer_log_likelihoods(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128,
+                           image_key: str = "pixel_values") -> list[float]:
+    """log p(answer) of encoded rows, in order."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -120,12 +120,18 @@ def answer_probabilities(model, encoded: list[dict], pad_token_id: int, batch_si
     out: list[float] = []
     for start in range(0, len(encoded), batch_size):
         batch = {k: v.to(device) for k, v in collate(encoded[start:start + batch_size]).items()}
-        out += answer_log_probs(model, batch).exp().float().cpu().tolist()
+        out += answer_log_probs(model, batch).float().cpu().tolist()
     model.train(was_training)
     return out
 
 
+def answer_probabilities(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128,
+                         image_key: str = "pixel_values") -> list[float]:
+    """p(answer) of encoded rows, in order (the reward of each)."""
+    return [math.exp(log_p) for log_p in answer_log_likelihoods(model, encoded, pad_token_id, batch_size, image_key)]
+
+
 def with_reference_log_probs(model, encoded: list[dict], pad_token_id: int) -> None:
     """Each row's log p(answer) under `model` as it is now (DPO's frozen reference), in place."""
-    for row, p in zip(encoded, answer_probabilities(model, encoded, pad_token_id)):
-        row["ref_log_p"] = math.log(max(p, 1e-30))
+    for row, log_p in zip(encoded, answer_log_likelihoods(model, encoded, pad_token_id)):
+        row["ref_log_p"] = log_p

@@ -94,6 +94,11 @@ def best_of_n(policy, processor, reward, records: list[dict], images, captions: 
     return {"n": n, "questions": len(records), **{k: round(100.0 * v / len(records), 2) for k, v in totals.items()}}
 
 
+def question_group(record: dict) -> str:
+    """The group a record's candidates come from: its question family, else its answer type."""
+    return record.get("question_family") or record.get("answer_type") or "all"
+
+
 def family_candidates(records: list[dict], limit: int = 20, forms: int = 3) -> dict[str, dict[str, list[str]]]:
     """Each question family's candidate answers: the majority answers its questions have in `records`
     (the `limit` most common; the synthetic families: counts, the six colours, yes / no, the shapes,
@@ -102,7 +107,7 @@ def family_candidates(records: list[dict], limit: int = 20, forms: int = 3) -> d
     counts: dict[str, Counter] = {}
     spellings: dict[str, Counter] = {}
     for record in records:
-        family = record.get("question_family") or record.get("answer_type") or "all"
+        family = question_group(record)
         counts.setdefault(family, Counter())[majority_answer(record["answers"])] += 1
         for answer in record["answers"]:
             spellings.setdefault(normalize_answer(answer), Counter())[answer.strip()] += 1
@@ -122,7 +127,7 @@ def candidate_top1(reward, records: list[dict], candidates: dict[str, dict[str, 
     total: Counter = Counter()
     skipped = 0
     for record in records:
-        family = record.get("question_family") or record.get("answer_type") or "all"
+        family = question_group(record)
         answers = list((candidates.get(family) or {}).items())
         if len(answers) < 2:
             continue

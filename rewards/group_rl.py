@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.config import RunConfig, TrainConfig, to_dict
+from vlm.config import RunConfig, to_dict
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_rgb, load_split, reference_of
 from vlm.files import write_json
 from vlm.image_input import llava_of
@@ -136,7 +136,7 @@ def train(config: RunConfig, work_dir: Path | None = None) -> dict:
     policy_dir = config.ppo_policy
     policy, processor = load_model(policy_dir)
     # ppo.freeze_vision, as PPO does: the tower that made the feature cache stays the same tower
-    set_trainable(policy, TrainConfig(freeze_vision=ppo.freeze_vision, lora=ppo.lora, lr=ppo.lr))
+    set_trainable(policy, ppo.as_train_config())
     processor.tokenizer.padding_side = "left"  # trl pads prompts on the left for generation
     pixels = ImageCache(processor.image_processor, config.data_dir)  # trl's trainers read pixels
     try:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from trl.experimental.ppo import PPOConfig as TRLPPOConfig
 
-from vlm.config import RunConfig, TrainConfig
+from vlm.config import RunConfig
 from vlm.data import ImageCache, captions_by_image, check_vqa_record, load_split
 from vlm.features import FeatureCacheMismatch, FeatureStore, image_source, model_signature
 from vlm.files import writing
@@ -86,8 +86,8 @@ class PPORun:
         """What trains (ppo.freeze_vision, ppo.lora), and the reference: the policy with its LoRA
         adapter disabled, else a frozen copy. -> (policy, reference or None)."""
         ppo = self.config.ppo
-        set_trainable(policy, _trainable_parts(ppo))
-        set_trainable(value_model, _trainable_parts(ppo))
+        set_trainable(policy, ppo.as_train_config())
+        set_trainable(value_model, ppo.as_train_config())
         for model in (policy, value_model):
             # Llava reads the vision tower's hidden states before its post_layernorm: a weight that gets
             # no gradient, which DDP (several ranks) refuses unless it is frozen.
@@ -96,7 +96,7 @@ class PPORun:
                     param.requires_grad_(False)
         ref_model = None
         if ppo.lora.enabled:
-            policy = apply_lora(policy, _trainable_parts(ppo))
+            policy = apply_lora(policy, ppo.as_train_config())
         else:
             ref_model = copy.deepcopy(policy).eval()
             for param in ref_model.parameters():
@@ -322,10 +322,6 @@ class PPORun:
 def _update_of(path: Path) -> int:
     return int(path.name.split("-")[-1])
 
-
-def _trainable_parts(ppo):
-    """The PPO section seen as a TrainConfig for set_trainable / apply_lora."""
-    return TrainConfig(freeze_vision=ppo.freeze_vision, lora=ppo.lora, lr=ppo.lr)
 
 
 def hacking_alarm(log: list[dict], window: int, drop: float) -> bool:

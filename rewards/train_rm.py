@@ -25,6 +25,9 @@ from vlm.data import ImageCache, encode_example, pad, vqa_prompt
 from vlm.train import VLMTrainer
 from rewards.answer_likelihood import answer_log_probs, dpo_loss, likelihood_loss
 
+# Objectives that train the policy's own language model (a stock Llava checkpoint, no scalar head).
+LANGUAGE_MODEL_OBJECTIVES = ("likelihood", "dpo")
+
 
 def reward_prompt(prompt_template: str, question: str, facts_template: str | None = None,
                   facts: str | None = None) -> str:
@@ -104,7 +107,7 @@ class RewardTrainer(VLMTrainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.objective in ("likelihood", "dpo"):
+        if self.objective in LANGUAGE_MODEL_OBJECTIVES:
             log_p = answer_log_probs(model, inputs)
             loss = (likelihood_loss(log_p, inputs["targets"]) if self.objective == "likelihood"
                     else dpo_loss(log_p, inputs["ref_log_p"].to(log_p), self.dpo_beta))

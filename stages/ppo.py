@@ -96,9 +96,14 @@ def evaluate_before_after(config: RunConfig, metrics: dict, work_dir: Path | Non
                     **compare_evaluations(before_dir, config.paths.eval_dir(tag), seed=config.seed)})
     if tag == config.round_tag("ppo"):  # the run's RL, not a control: what all rounds so far bought over SFT
         first_policy = Path(config.ppo.policy) if config.ppo.policy else config.sft_final  # round 1's start
-        sft, sft_dir = stored_or_evaluate(config, first_policy, config.round_tag("sft-again"))
-        metrics["vs_sft"] = {"vqa_accuracy_before": sft["vqa_accuracy"], "round": config.round,
-                             **compare_evaluations(sft_dir, config.paths.eval_dir(tag), seed=config.seed)}
+        if first_policy == config.ppo_policy:  # round 1: the comparison above is the one over SFT
+            sft_accuracy, versus_sft = before["vqa_accuracy"], {k: metrics[k] for k in (
+                "change", "ci95", "error_removed", "better", "worse", "by_family")}
+        else:
+            sft, sft_dir = stored_or_evaluate(config, first_policy, config.round_tag("sft-again"))
+            sft_accuracy = sft["vqa_accuracy"]
+            versus_sft = compare_evaluations(sft_dir, config.paths.eval_dir(tag), seed=config.seed)
+        metrics["vs_sft"] = {"vqa_accuracy_before": sft_accuracy, "round": config.round, **versus_sft}
         if config.rlhf.reference_report:
             metrics["reference"] = reference_line(Path(config.rlhf.reference_report))
     write_json(work_dir / "metrics.json", metrics)

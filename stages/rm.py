@@ -68,6 +68,7 @@ from rewards.labels_io import (
 from rewards.model_reward import FactModelReward, LikelihoodReward, ModelReward
 from rewards.reward_model import RewardModel
 from rewards.train_rm import (
+    LANGUAGE_MODEL_OBJECTIVES,
     PairwiseCollator,
     PointwiseCollator,
     RewardTrainer,
@@ -104,7 +105,7 @@ def read_labels(config: RunConfig, labels_dir: Path) -> Labels:
     rm = config.rm
     rows, image_root = load_labels(labels_dir)
     facts_template = captions = None
-    if rm.facts and rm.objective in ("likelihood", "dpo"):
+    if rm.facts and rm.objective in LANGUAGE_MODEL_OBJECTIVES:
         raise SystemExit("error: config keys 'rm.facts' and 'rm.objective': the likelihood reward model reads the "
                          "policy's own prompt, without facts (set rm.facts=false or rm.objective=pointwise)")
     if rm.facts:
@@ -131,20 +132,18 @@ def read_labels(config: RunConfig, labels_dir: Path) -> Labels:
 
 
 def training_set(rm, labels: Labels, train_encoded: list[dict], encode, pad_token_id: int):
-    """(dataset, collator): every training label (pointwise), or correct-vs-incorrect pairs of a
-    question plus people's preferences (pairwise)."""
+    """(dataset, collator): every training label (pointwise, likelihood; with rm.only_correct the correct
+    ones), or correct-vs-incorrect pairs of a question (dpo) plus people's preferences (pairwise)."""
     if rm.objective == "likelihood":
         if rm.only_correct:  # rejection-sampling fine-tuning: SFT on the answers labeled correct
             return [row for row in train_encoded if row["target"] >= 0.5], JudgedAnswerCollator(pad_token_id)
         return train_encoded, JudgedAnswerCollator(pad_token_id)
-    if rm.objective == "dpo":
-        index = {id(r): e for r, e in zip(labels.train_rows, train_encoded)}
-        return ([(index[id(good)], index[id(bad)]) for good, bad in pairs_by_question(labels.train_rows)],
-                PreferencePairCollator(pad_token_id))
-    if rm.objective != "pairwise":
+    if rm.objective not in ("pairwise", "dpo"):
         return train_encoded, PointwiseCollator(pad_token_id)
     index = {id(r): e for r, e in zip(labels.train_rows, train_encoded)}
     dataset = [(index[id(good)], index[id(bad)]) for good, bad in pairs_by_question(labels.train_rows)]
+    if rm.objective == "dpo":  # the labels' pairs only: people's preferences have no reference log-probs
+        return dataset, PreferencePairCollator(pad_token_id)
     dataset += list(zip(encode([good for good, _ in labels.preferences]),
                         encode([bad for _, bad in labels.preferences])))
     return dataset, PairwiseCollator(pad_token_id)
@@ -186,7 +185,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     tokenizer = processor.tokenizer
     images = ImageCache(processor.image_processor, labels.image_root)
     data = config.data
-    if rm.objective in ("likelihood", "dpo"):  # the policy's own LM: the answer's probability is the reward
+    if rm.objective in LANGUAGE_MODEL_OBJECTIVES:  # the policy's own LM: the answer's probability is the reward
         model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
         prompt = lambda row: reward_prompt(data.prompt_template, row["question"])
         encode = lambda rs: encode_judged_rows(rs, tokenizer, images, prompt, data.answer_template,
@@ -206,7 +205,7 @@ def train(config: RunConfig, labels_dir: Path | None = None, base: Path | None =
     if rm.lora.enabled:
         # a scalar head is new and trains fully; the likelihood model has none
         model = apply_lora(model, rm, task_type=None,
-                           extra_modules_to_save=[] if rm.objective in ("likelihood", "dpo") else ["score"])
+                           extra_modules_to_save=[] if rm.objective in LANGUAGE_MODEL_OBJECTIVES else ["score"])
     if is_main_process():
         positives = sum(r["target"] for r in labels.train_rows)
         print(f"rm: {len(labels.train_rows)} training labels ({positives} correct), {len(labels.heldout_rows)} held "

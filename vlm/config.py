@@ -278,6 +278,10 @@ class PPOConfig:
     # it doubles the stage's time.
     oracle_control: bool = False
 
+    def as_train_config(self) -> TrainConfig:
+        """This section seen as a TrainConfig, for set_trainable / apply_lora (PPO, GRPO, RLOO alike)."""
+        return TrainConfig(freeze_vision=self.freeze_vision, lora=self.lora, lr=self.lr)
+
 
 @dataclass
 class DecodingConfig:

@@ -116,15 +116,13 @@ def plan_rounds(config: RunConfig, stages: list[str], overrides: list[str]) -> l
     plan: list = []
     in_round = [stage for stage in stages if stage in ROUND_STAGES]
     for stage in stages:
-        if stage in ROUND_STAGES and stage != in_round[0]:
-            continue  # placed with the round's first stage
         if stage not in ROUND_STAGES:
             plan.append((stage, config, overrides))
-            continue
-        for round in range(1, config.rlhf.rounds + 1):
-            round_config = copy.deepcopy(config)
-            round_config.rlhf.round = round
-            plan += [(name, round_config, [*overrides, f"rlhf.round={round}"]) for name in in_round]
+        elif stage == in_round[0]:  # the whole round, once per round, where its first stage stands
+            for round in range(1, config.rlhf.rounds + 1):
+                round_config = copy.deepcopy(config)
+                round_config.rlhf.round = round
+                plan += [(name, round_config, [*overrides, f"rlhf.round={round}"]) for name in in_round]
     return plan
 
 
@@ -133,21 +131,20 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "provenance.json", machine_provenance(to_dict(config)))  # the report's source line
-    main_overrides = overrides
-    for stage, config, overrides in plan_rounds(config, stages, main_overrides):
-        fingerprint = config_fingerprint(config, stage)
-        marker = config.paths.done_marker(stage)
-        name = (f"{stage} (round {config.round} of {config.rlhf.rounds})"
+    for stage, stage_config, stage_overrides in plan_rounds(config, stages, overrides):
+        fingerprint = config_fingerprint(stage_config, stage)
+        marker = stage_config.paths.done_marker(stage)
+        name = (f"{stage} (round {stage_config.round} of {config.rlhf.rounds})"
                 if config.rlhf.rounds > 1 and stage in ROUND_STAGES else stage)
         if not force and marker.is_file() and json.loads(marker.read_text()).get("config") == fingerprint:
             print(f"== {name}: done earlier with this config, skipping (--force to rerun)", flush=True)
             continue
-        reason = why_skip(config, stage)
+        reason = why_skip(stage_config, stage)
         if reason:
             print(f"== {stage}: skipped: {reason}", flush=True)
             continue
-        set_aside_other_configs_state(config.paths.stage_dir(stage), fingerprint, force)
-        command = stage_command(config, stage, config_path, overrides)
+        set_aside_other_configs_state(stage_config.paths.stage_dir(stage), fingerprint, force)
+        command = stage_command(stage_config, stage, config_path, stage_overrides)
         print(f"== {name}: {' '.join(command)}", flush=True)
         started = time.perf_counter()
         returncode = subprocess.call(command)
@@ -158,7 +155,7 @@ def run(config: RunConfig, config_path: str, stages: list[str], overrides: list[
         write_json(marker, {"config": fingerprint, "seconds": round(time.perf_counter() - started, 1)})
         later = stages[stages.index(stage) + 1:]
         if stage == "sample" and "autolabel" not in stages and later:
-            print(labeling_instructions(config, config_path, main_overrides, later), flush=True)
+            print(labeling_instructions(config, config_path, overrides, later), flush=True)
             return 0  # people label now; the run continues with --stages
     report = build_report(run_dir)
     print_table(report)
