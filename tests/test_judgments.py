@@ -43,12 +43,20 @@ def test_sft_learns_only_from_the_answer_carrying_images(tiny_overrides, tiny_pr
     assert len(dataset) == 8 + int(8 * config.data.caption_ratio)
 
 
-@pytest.mark.parametrize("key,value", [("data.answer_images", 0), ("autolabel.error_rate", 0.5)])
+@pytest.mark.parametrize("key,value", [("data.answer_images", 0), ("autolabel.error_rate", 0.5), ("rlhf.rounds", 0)])
 def test_out_of_range_settings_are_config_errors_naming_the_key(key, value):
     from vlm.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(REPO / "configs/default.yaml", [f"{key}={value}"])
+
+
+def test_a_judging_budget_larger_than_the_pool_is_an_error_naming_the_key(tiny_overrides):
+    from stages.sample import sample_to_store
+
+    config = config_with(tiny_overrides, "sample.max_questions=1000")  # the tiny rl split has 24 questions
+    with pytest.raises(SystemExit, match="sample.max_questions.*1000.*24 questions"):
+        sample_to_store(config, progress=False)
 
 
 # ---------------------------------------------------------------- a labeler who errs
@@ -279,6 +287,14 @@ def test_bench_rlhf_runs_each_peer_from_the_runs_sft_model_on_its_labels(tmp_pat
     assert "rm.only_correct=true" in rft[0] and "rm.objective=likelihood" in rft[0]
     ceiling, _ = plan(config, "ceiling", run / "bench-rlhf" / "ceiling")
     assert "data.train_split=rl" in ceiling[0] and f"model.checkpoint={run / 'sft' / 'final'}" in ceiling[0]
+
+
+def test_bench_rlhf_refuses_an_unknown_method(capsys):
+    from bench.rlhf import main
+
+    with pytest.raises(SystemExit):
+        main(["--methods", "ppo,reinforce"])
+    assert "unknown method(s) ['reinforce']" in capsys.readouterr().err
 
 
 def test_bench_rlhf_without_a_finished_run_says_what_to_run(tmp_path):
