@@ -21,6 +21,10 @@ After each kill the same `./launch.sh` command runs again, until it exits 0. The
 durations and which of them checkpoint are read from the reference run, never listed here, so a
 stage added to the pipeline is covered without touching this file; each stage gets faults in turn
 (seeded order), the kind is drawn per fault.
+With rlhf.rounds=N the stages of each RLHF round count as stages of their own (`ppo (round 1 of
+2)`, written under <run>/rounds/1/), so faults land in every round:
+
+    vqa-rlhf bench chaos configs/default.yaml rlhf.rounds=2 --kills 12
 
 Each finished run is compared with the reference: report.json with its timings and paths taken out
 (`seconds`, `train_seconds`, the run dir), every saved model's tensors (`*.safetensors` outside
@@ -36,6 +40,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -106,11 +111,32 @@ def child_env() -> dict:
     return env
 
 
+# A stage of an RLHF round as the pipeline names it when rlhf.rounds > 1: `sample (round 1 of 2)`.
+ROUND_STAGE = re.compile(r"(\w+) \(round (\d+) of (\d+)\)")
+
+
+def is_stage_name(name: str) -> bool:
+    return name.isidentifier() or ROUND_STAGE.fullmatch(name) is not None
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    """Where a stage (as the pipeline names it) writes: <run>/<stage>, and for a round before the
+    last <run>/rounds/<r>/<stage> (the layout is RunPaths', named once in vlm/config.py)."""
+    from vlm.config import RunPaths
+
+    match = ROUND_STAGE.fullmatch(stage)
+    if match is None:
+        return RunPaths(run_dir).stage_dir(stage)
+    name, round, rounds = match[1], int(match[2]), int(match[3])
+    return RunPaths(run_dir, run_dir / "rounds" / str(round) if round < rounds else None).stage_dir(name)
+
+
 def started_stage(line: str) -> str | None:
-    """The stage a pipeline output line says is starting (`== sft: python -m ...`), else None."""
+    """The stage a pipeline output line says is starting (`== sft: python -m ...`, `== ppo (round 1
+    of 2): ...`), else None."""
     if line.startswith("== ") and ": " in line and "done earlier" not in line:
         name = line[3:].split(":", 1)[0]
-        if name.isidentifier():
+        if is_stage_name(name):
             return name
     return None
 
@@ -144,6 +170,9 @@ def half_written(run_dir: Path, ignore: frozenset = frozenset(), skip=("data",))
     except FileNotFoundError:
         return None
     for top in tops:
+        # <stage>/<checkpoints|final|...> is deep enough for every staging name; a round's stages
+        # sit two levels lower (rounds/<r>/<stage>/...)
+        deepest = 4 if top.name == "rounds" else 2
         for root, dirs, files in os.walk(top.path):
             depth = Path(root).relative_to(run_dir).parts
             for name in dirs + files:
@@ -154,7 +183,7 @@ def half_written(run_dir: Path, ignore: frozenset = frozenset(), skip=("data",))
                         not os.path.exists(os.path.join(root, name, "trainer_state.json")) and \
                         Path(root) / name not in ignore:
                     return Path(root) / name
-            if len(depth) >= 2:  # <stage>/<checkpoints|final|...>: deep enough for every staging name
+            if len(depth) >= deepest:
                 dirs[:] = []
     return None
 
@@ -173,7 +202,7 @@ def all_half_written(run_dir: Path) -> list[Path]:
 
 
 def finished_stages(run_dir: Path, stages: list[str]) -> set[str]:
-    return {s for s in stages if (run_dir / s / "done.json").is_file()}
+    return {s for s in stages if (stage_dir(run_dir, s) / "done.json").is_file()}
 
 
 # -- one run: faults, relaunches ------------------------------------------------------------------
@@ -207,12 +236,12 @@ def run_with_faults(command: list[str], run_dir: Path, faults: list[dict], durat
                     if fault["kind"] == "between":  # the next stage may have started its process already
                         killed_in = f"after {fault['stage']}"
                     else:
-                        killed_in = current if not (run_dir / current / "done.json").is_file() else f"after {current}"
+                        killed_in = current if not (stage_dir(run_dir, current) / "done.json").is_file() else f"after {current}"
                     launch.kill()
                     fired = {**fault, "moment": moment, "killed_in": killed_in,
                              "finished": sorted(finished_stages(run_dir, stages), key=stages.index),
-                             "checkpoint": str(complete_checkpoints(run_dir / current)[-1])
-                             if current and complete_checkpoints(run_dir / current) else None,
+                             "checkpoint": str(complete_checkpoints(stage_dir(run_dir, current))[-1])
+                             if current and complete_checkpoints(stage_dir(run_dir, current)) else None,
                              "stage_at_kill": current}
             time.sleep(POLL)
         code = launch.wait()
@@ -247,7 +276,7 @@ def fault_moment(fault: dict, current: str, stage_started: float, deadline: floa
                         if is_model_write(p) and p not in leftovers and p not in writes_seen]
         if len(writes_seen) >= fault.get("nth", 1):
             moment = f"writing {writes_seen[-1].relative_to(run_dir)}"
-    elif fault["kind"] == "between" and (run_dir / fault["stage"] / "done.json").is_file():
+    elif fault["kind"] == "between" and (stage_dir(run_dir, fault["stage"]) / "done.json").is_file():
         moment = f"after {fault['stage']} finished"
     if fault["kind"] == "checkpoint" and moment is None and current != fault["stage"] and \
             stages.index(current) > stages.index(fault["stage"]):
@@ -383,7 +412,7 @@ def reference_run(command: list[str], out: Path) -> tuple[Path, list[str], dict[
                          f"(see {log}); give the chaos benchmark a config whose run goes to the end")
     run_dir = (REPO / report).parent if not Path(report).is_absolute() else Path(report).parent
     stages = [s for s in map(started_stage, launch.output) if s]
-    durations = {s: json.loads((run_dir / s / "done.json").read_text())["seconds"] for s in stages}
+    durations = {s: json.loads((stage_dir(run_dir, s) / "done.json").read_text())["seconds"] for s in stages}
     print(f"reference: {len(stages)} stages in {time.perf_counter() - started:.0f} s ({run_dir})", flush=True)
     return run_dir, stages, durations
 
@@ -412,8 +441,8 @@ def main(argv=None) -> int:
 
     reference, stages, durations = reference_run(command(out / "reference"), out)
     relative = reference.relative_to(out / "reference")
-    checkpoints = {s: len(complete_checkpoints(reference / s)) for s in stages
-                   if (reference / s / "checkpoints").is_dir()}
+    checkpoints = {s: len(complete_checkpoints(stage_dir(reference, s))) for s in stages
+                   if (stage_dir(reference, s) / "checkpoints").is_dir()}
     faults = plan(stages, checkpoints, args.kills, runs, rng)
 
     results = []

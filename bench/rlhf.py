@@ -2,6 +2,7 @@
 few-answers SFT model's test error, at what cost in labels and seconds.
 
     vqa-rlhf bench rlhf [CONFIG] [--methods ppo,grpo,dpo,rft,judge,verifiable,ceiling] [key=value ...]
+    vqa-rlhf bench rlhf [CONFIG] --seeds 0,1,2 [--methods ppo,verifiable] [key=value ...]
 
 Reads a finished run of CONFIG (./launch.sh): its SFT model, the labels its last reward model
 learned from (<run>/rm/labels), its reward model and its test evaluation of the SFT model. Each
@@ -19,6 +20,12 @@ model question by question (paired bootstrap 95% CI; error removed = share of th
   verifiable  control: PPO with official VQA accuracy as the reward (a perfect labeler), same budget
   ceiling     control: SFT on the rl images' written answers (a person answers every rl question)
 
+--seeds: the whole run once per seed (seed=N drives the training and the built-in dataset alike, so
+each seed is another dataset, SFT model, labels and reward model; the config's own seed is the
+config's own run, others go to <name>-seed<N>; a seed's finished stages are skipped), the methods on
+each, and per method the mean +- sd over seeds of test accuracy and error removed, and whether the
+paired CI is above zero on every seed. Written to the config's run as table.json's `seeds`.
+
 Writes <run>/bench-rlhf/table.json (the run's report shows it: `vqa-rlhf report <run>`) and prints
 the table. A method that fails prints its error and the bench goes on. Finished methods are kept:
 a re-run measures only the missing ones (--force: all again).
@@ -29,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -132,6 +140,53 @@ def table(start: float, results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_overrides(config: RunConfig, overrides: list[str], seed: int) -> list[str]:
+    """The run of `seed`: the config's own run for its own seed, else <name>-seed<N> with seed=N."""
+    return list(overrides) if seed == config.seed else [*overrides, f"seed={seed}", f"name={config.name}-seed{seed}"]
+
+
+def measure_run(config: RunConfig, config_path: str, overrides: list[str], methods: list[str],
+                force: bool) -> tuple[float, dict[str, dict]]:
+    """(the SFT model's test accuracy, each method's result or its error) on one finished run."""
+    start = json.loads(config.paths.eval_metrics("sft").read_text())["vqa_accuracy"]
+    results: dict[str, dict] = {}
+    for method in methods:
+        try:
+            results[method] = measure(config, config_path, overrides, method, force)
+        except Exception as exc:  # one method's failure is its row, not the end of the bench
+            results[method] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"bench rlhf: {method} failed: {exc}", file=sys.stderr, flush=True)
+    return start, results
+
+
+def over_seeds(per_seed: dict[int, dict]) -> dict[str, dict]:
+    """Per method: mean +- sd over the seeds of the start, test accuracy and error removed, and
+    whether the paired CI was above zero on every seed. `per_seed`: seed -> {start, methods}."""
+    spread = lambda values: {"mean": round(statistics.mean(values), 2),
+                             "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None}
+    out = {"start": spread([run["start"] for run in per_seed.values()])}
+    names = {name for run in per_seed.values() for name in run["methods"]}
+    for name in sorted(names):
+        runs = {seed: run["methods"][name] for seed, run in per_seed.items() if name in run["methods"]}
+        out[name] = {"seeds": sorted(runs), "test": spread([r["test"] for r in runs.values()]),
+                     "error_removed": spread([r["error_removed"] for r in runs.values()]),
+                     "ci_above_zero_on_every_seed": all(r["ci95"][0] > 0 for r in runs.values()),
+                     "per_seed": {str(seed): {k: r[k] for k in ("test", "change", "ci95", "error_removed")}
+                                  for seed, r in runs.items()}}
+    return out
+
+
+def seeds_table(summary: dict) -> str:
+    pm = lambda s: f"{s['mean']:.2f}" + (f" +- {s['sd']:.2f}" if s["sd"] is not None else "")
+    lines = [f"{'method':<12}{'seeds':>7}{'test VQA':>18}{'error removed %':>20}  CI above 0 on every seed",
+             f"{'sft (start)':<12}{'':>7}{pm(summary['start']):>18}"]
+    for name, r in summary.items():
+        if name != "start":
+            lines.append(f"{name:<12}{len(r['seeds']):>7}{pm(r['test']):>18}{pm(r['error_removed']):>20}  "
+                         f"{'yes' if r['ci_above_zero_on_every_seed'] else 'no'}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vqa-rlhf bench rlhf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as the run was started with")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, of {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2: the whole run for each (a seed not "
+                                        "finished yet is run first) and mean +- sd over them")
     parser.add_argument("--force", action="store_true", help="measure every method again")
     args = parser.parse_intermixed_args(argv)
     config_path, overrides = config_path_and_overrides(args)
@@ -148,27 +205,44 @@ def main(argv=None) -> int:
         parser.error(f"unknown method(s) {unknown}; methods are {', '.join(METHODS)}")
     try:
         config = load_config(config_path, overrides)
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
     except ConfigError as exc:
         parser.error(str(exc))
-    if not config.paths.eval_metrics("sft").is_file():
-        raise SystemExit(f"bench rlhf: no finished run at {config.run_dir}: run ./launch.sh {config_path} first")
-    start = json.loads(config.paths.eval_metrics("sft").read_text())["vqa_accuracy"]
-    results: dict[str, dict] = {}
-    for method in methods:
-        try:
-            results[method] = measure(config, config_path, overrides, method, args.force)
-        except Exception as exc:  # one method's failure is its row, not the end of the bench
-            results[method] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(f"bench rlhf: {method} failed: {exc}", file=sys.stderr, flush=True)
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, e.g. 0,1,2 (got {args.seeds!r})")
     shown = os.path.relpath(config_path) if Path(config_path).is_absolute() else config_path
-    out = {"command": " ".join(["vqa-rlhf bench rlhf", shown, *overrides, "--methods", ",".join(methods)]),
-           "start": start, "methods": {name: r for name, r in results.items() if "error" not in r},
-           "failed": {name: r["error"] for name, r in results.items() if "error" in r}}
-    write_json(config.run_dir / "bench-rlhf" / "table.json", out)
-    print(table(start, results))
+    command = " ".join(["vqa-rlhf bench rlhf", shown, *overrides, "--methods", ",".join(methods),
+                        *(["--seeds", args.seeds] if seeds else [])])
     from vlm.report import build_report
 
-    build_report(config.run_dir)  # the run's report shows the table
+    per_seed: dict[int, dict] = {}
+    run_dirs: dict[int, Path] = {}
+    for seed in seeds or [config.seed]:
+        run_overrides = seed_overrides(config, overrides, seed)
+        run_config = load_config(config_path, run_overrides)
+        if seeds and not run_config.paths.report_json.is_file():
+            from vlm import pipeline
+
+            print(f"== bench rlhf: seed {seed}: the whole run first ({run_config.run_dir})", flush=True)
+            if pipeline.run(run_config, config_path, run_config.stages, run_overrides, force=False) != 0:
+                raise SystemExit(f"bench rlhf: the run of seed {seed} failed (see above); re-run to resume it")
+        if not run_config.paths.eval_metrics("sft").is_file():
+            raise SystemExit(f"bench rlhf: no finished run at {run_config.run_dir}: run ./launch.sh {config_path} first")
+        start, results = measure_run(run_config, config_path, run_overrides, methods, args.force)
+        per_seed[seed] = {"command": command, "start": start,
+                          "methods": {n: r for n, r in results.items() if "error" not in r},
+                          "failed": {n: r["error"] for n, r in results.items() if "error" in r}}
+        run_dirs[seed] = run_config.run_dir
+        if seeds:
+            print(f"\nseed {seed} ({run_config.run_dir}):")
+        print(table(start, results), flush=True)
+    if seeds:  # the spread goes with the first seed's run (the config's own, in the usual 0,1,2)
+        per_seed[seeds[0]]["seeds"] = over_seeds(per_seed)
+        print(f"\nover seeds {','.join(map(str, seeds))} (mean +- sd over seeds; CI: paired, per seed):")
+        print(seeds_table(per_seed[seeds[0]]["seeds"]))
+    for seed, out in per_seed.items():
+        write_json(run_dirs[seed] / "bench-rlhf" / "table.json", out)
+        build_report(run_dirs[seed])  # each run's report shows its table
     return 0
 
 

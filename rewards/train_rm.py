@@ -132,7 +132,10 @@ def score(model, encoded: list[dict], pad_token_id: int, batch_size: int = 128) 
     return out
 
 
-def check_objective(config: RewardTrainConfig, train_rows: list[dict], preferences: list | None = None) -> None:
+def check_objective(config: RewardTrainConfig, train_rows: list[dict], preferences: list | None = None,
+                    sample=None) -> None:
+    """Labels a reward model can learn from, checked before any training: a ValueError naming the
+    config keys that change them. `sample`: the run's SampleConfig (what produced the answers)."""
     if config.objective in ("pairwise", "dpo"):
         from rewards.labels_io import pairs_by_question
 
@@ -140,8 +143,11 @@ def check_objective(config: RewardTrainConfig, train_rows: list[dict], preferenc
             raise ValueError(f"rm.objective={config.objective} needs questions with both a correct and an incorrect "
                              "labelled answer, or pairwise preferences; the labels have none "
                              "(use rm.objective=pointwise)")
-    if {r["target"] for r in train_rows} != {0, 1}:
-        # Not an error (a smoke run's barely trained model gets everything wrong), but worth saying loudly.
-        print(f"rm: WARNING: all {len(train_rows)} training labels are "
-              f"{'correct' if train_rows[0]['target'] else 'incorrect'}: the reward model can only learn a constant",
-              flush=True)
+    classes = {r["target"] for r in train_rows}
+    if len(classes) == 1 and not preferences:
+        only = "correct" if classes == {1} else "incorrect"
+        now = f" (now {sample.k}, {sample.temperature}, {sample.max_questions})" if sample is not None else ""
+        raise ValueError(f"all {len(train_rows)} training labels are {only}: a reward model learns nothing from one "
+                         f"class (it can only score every answer alike). Label answers of both kinds: sample more "
+                         f"varied answers with sample.k, sample.temperature or sample.max_questions{now}, or label "
+                         f"some by hand (vqa-rlhf label)")

@@ -127,7 +127,10 @@ def read_labels(config: RunConfig, labels_dir: Path) -> Labels:
         for pair in preferences:
             for row in pair:
                 row["facts"] = captions.get(row["image"])
-    check_objective(rm, train_rows, preferences)
+    try:
+        check_objective(rm, train_rows, preferences, config.sample)
+    except ValueError as exc:
+        raise SystemExit(f"error: the labels in {labels_dir}: {exc}") from None
     return Labels(rows, image_root, train_rows, heldout_rows, preferences, facts_template)
 
 

@@ -66,6 +66,24 @@ def test_a_checkpoint_without_its_state_file_or_a_staging_dir_is_half_written(tm
     assert not chaos.is_model_write(run / "sft" / "metrics.json.tmp")
 
 
+def test_each_rlhf_round_is_a_stage_of_its_own_with_its_own_directory(tmp_path):
+    # the pipeline's lines with rlhf.rounds=2: faults can be aimed at a round, and found where it writes
+    assert chaos.started_stage("== ppo (round 1 of 2): python -m stages.ppo configs/default.yaml") == "ppo (round 1 of 2)"
+    assert chaos.started_stage("== sft: python -m stages.sft configs/default.yaml") == "sft"
+    assert chaos.skipped_stage("== rm (round 2 of 2): done earlier with this config, skipping (--force to rerun)") \
+        == "rm (round 2 of 2)"
+    run = tmp_path / "run"
+    assert chaos.stage_dir(run, "ppo (round 1 of 2)") == run / "rounds" / "1" / "ppo"
+    assert chaos.stage_dir(run, "ppo (round 2 of 2)") == run / "ppo"  # the last round writes where one round does
+    assert chaos.stage_dir(run, "sft") == run / "sft"
+    (run / "rounds" / "1" / "rm").mkdir(parents=True)
+    (run / "rounds" / "1" / "rm" / "done.json").write_text("{}")
+    assert chaos.finished_stages(run, ["sft", "rm (round 1 of 2)", "rm (round 2 of 2)"]) == {"rm (round 1 of 2)"}
+    # a round's half-written checkpoint, two levels below a stage's usual place, is seen
+    (run / "rounds" / "1" / "ppo" / "checkpoints" / "update-3.tmp").mkdir(parents=True)
+    assert chaos.half_written(run) == run / "rounds" / "1" / "ppo" / "checkpoints" / "update-3.tmp"
+
+
 def test_bench_chaos_is_reached_as_a_bench_subcommand_too():
     for command in (["bench", "chaos"], ["bench-chaos"]):
         result = subprocess.run([sys.executable, "-m", "stages.cli", *command, "--help"], cwd=REPO,

@@ -152,6 +152,22 @@ def test_the_likelihood_form_refuses_facts_before_training(saved_tiny_model, tin
         train(config, labels, saved_tiny_model, tmp_path / "rm")
 
 
+def test_labels_of_one_class_are_refused_before_training_naming_what_makes_both(
+        saved_tiny_model, tiny_data_dir, tiny_overrides, tmp_path):
+    from datasets import load_from_disk
+
+    from stages.rm import train
+
+    labels = planted_labels(tiny_data_dir, tmp_path / "labels")
+    load_from_disk(str(labels)).filter(lambda row: row["label"] == "incorrect").save_to_disk(str(tmp_path / "wrong"))
+    (tmp_path / "wrong" / "meta.json").write_text((labels / "meta.json").read_text())
+    config = config_with(tiny_overrides, "rm.objective=likelihood")
+    with pytest.raises(SystemExit, match=r"labels are incorrect.*sample\.k, sample\.temperature") as raised:
+        train(config, tmp_path / "wrong", saved_tiny_model, tmp_path / "rm")
+    assert str(tmp_path / "wrong") in str(raised.value)
+    assert not (tmp_path / "rm" / "final").exists()
+
+
 # ---------------------------------------------------------------- what a reward knows
 
 class _Scores(torch.nn.Module):
@@ -302,3 +318,33 @@ def test_bench_rlhf_without_a_finished_run_says_what_to_run(tmp_path):
 
     with pytest.raises(SystemExit, match="no finished run.*launch.sh"):
         main([str(REPO / "configs/default.yaml"), f"output_root={tmp_path}", "--methods", "rft"])
+
+
+def test_bench_rlhf_seeds_are_whole_runs_of_their_own_and_their_spread_is_computed():
+    from bench.rlhf import over_seeds, seed_overrides, seeds_table
+
+    config = config_with(["name=r"])
+    assert seed_overrides(config, ["sft.steps=9"], 0) == ["sft.steps=9"]  # the config's own run
+    assert seed_overrides(config, ["sft.steps=9"], 2) == ["sft.steps=9", "seed=2", "name=r-seed2"]
+    seeded = config_with(["name=r", *seed_overrides(config, [], 2)])
+    assert seeded.run_dir.name == "r-seed2" and seeded.seed == 2  # seed=N drives the built-in dataset too
+
+    def run(start, test, low):
+        return {"start": start, "methods": {"ppo": {"test": test, "change": test - start, "ci95": [low, low + 2],
+                                                    "error_removed": round(100 * (test - start) / (100 - start), 2)}}}
+
+    spread = over_seeds({0: run(70.0, 85.0, 5.0), 1: run(80.0, 90.0, 1.0), 2: run(75.0, 80.0, -0.5)})
+    assert spread["start"] == {"mean": 75.0, "sd": 5.0}
+    assert spread["ppo"]["test"] == {"mean": 85.0, "sd": 5.0}
+    assert spread["ppo"]["error_removed"]["mean"] == round((50.0 + 50.0 + 20.0) / 3, 2)
+    assert spread["ppo"]["seeds"] == [0, 1, 2] and not spread["ppo"]["ci_above_zero_on_every_seed"]
+    assert over_seeds({0: run(70.0, 85.0, 5.0), 1: run(80.0, 90.0, 1.0)})["ppo"]["ci_above_zero_on_every_seed"]
+    assert "85.00 +- 5.00" in seeds_table(spread)
+
+
+def test_bench_rlhf_refuses_seeds_that_are_not_integers(capsys):
+    from bench.rlhf import main
+
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0,one"])
+    assert "--seeds: comma-separated integers" in capsys.readouterr().err

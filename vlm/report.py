@@ -364,6 +364,15 @@ def _rlhf_md(rlhf: dict) -> list[str]:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {name} | {m['test']} | {m['ci95'][0]:+}..{m['ci95'][1]:+} | {m['error_removed']} | "
                   f"{m.get('labels', '-')} | {m.get('seconds', '-')} |" for name, m in bench["methods"].items()]
+    spread = (bench or {}).get("seeds")
+    if spread:  # bench rlhf --seeds: the whole run per seed (another dataset and training each)
+        pm = lambda s: f"{s['mean']}" + (f" +- {s['sd']}" if s["sd"] is not None else "")
+        lines += ["", "Over seeds (each seed its own dataset, SFT model, labels and reward model; mean +- sd; "
+                      "the paired CI per seed):", "",
+                  "| method | seeds | test VQA | error removed (%) | CI above zero on every seed |", "|---|---|---|---|---|",
+                  f"| sft (start) | | {pm(spread['start'])} | | |"]
+        lines += [f"| {name} | {','.join(map(str, r['seeds']))} | {pm(r['test'])} | {pm(r['error_removed'])} | "
+                  f"{'yes' if r['ci_above_zero_on_every_seed'] else 'no'} |" for name, r in spread.items() if name != "start"]
     return lines
 
 
