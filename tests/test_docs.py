@@ -40,6 +40,23 @@ def test_a_changed_figure_in_a_stored_report_is_caught(tmp_path):
     assert regenerate(tmp_path, check=True) == ["docs/page.md: record docs/results/r.json"]
 
 
+def test_the_seeds_table_is_rendered_from_bench_rlhf_seeds_and_asked_for_when_missing():
+    from bench.rlhf import over_seeds
+    from vlm.docs import render_seeds
+
+    def run(start, test, low):
+        return {"start": start, "methods": {"ppo": {"test": test, "change": test - start, "ci95": [low, low + 2],
+                                                    "error_removed": round(100 * (test - start) / (100 - start), 2)}}}
+
+    report = {"stages": {"rlhf": {"bench": {"command": "vqa-rlhf bench rlhf --seeds 0,1", "seeds": over_seeds(
+        {0: run(70.0, 85.0, 5.0), 1: run(80.0, 90.0, 1.0)})}}}}
+    text = "\n".join(render_seeds(report))
+    assert "| ppo | 0, 1 | 87.50 +- 3.54 | 50.00 +- 0.00 | yes |" in text
+    assert "seed 1: 90.0 (+1.00..+3.00, 50.0%)" in text and "--seeds 0,1" in text
+    with pytest.raises(ValueError, match="bench rlhf --seeds"):
+        render_seeds({"stages": {"rlhf": {"bench": {}}}})
+
+
 def test_the_readme_is_a_front_door():
     lines = README.read_text().splitlines()
     assert len(lines) <= 200, f"README.md has {len(lines)} lines"

@@ -69,6 +69,25 @@ def render_rlhf(report: dict) -> list[str]:
     return lines
 
 
+def render_seeds(report: dict) -> list[str]:
+    """`vqa-rlhf bench rlhf --seeds`: per method, mean +- sd over seeds, each seed its own dataset and run."""
+    bench = (report["stages"].get("rlhf") or {}).get("bench") or {}
+    spread = bench.get("seeds")
+    if not spread:
+        raise ValueError("the report has no stages.rlhf.bench.seeds: run `vqa-rlhf bench rlhf --seeds 0,1,2` on its run")
+    pm = lambda s: f"{s['mean']:.2f}" + (f" +- {s['sd']:.2f}" if s["sd"] is not None else "")
+    rows = [("sft (start)", "", pm(spread["start"]), "", "")]
+    rows += [(name, ", ".join(map(str, r["seeds"])), pm(r["test"]), pm(r["error_removed"]),
+              "yes" if r["ci_above_zero_on_every_seed"] else "no") for name, r in spread.items() if name != "start"]
+    per_seed = [f"seed {seed}: {r['test']} ({r['ci95'][0]:+.2f}..{r['ci95'][1]:+.2f}, {r['error_removed']}%)"
+                for seed, r in (spread.get("ppo") or {}).get("per_seed", {}).items()]
+    lines = _table(("method", "seeds", "test VQA (mean +- sd)", "error removed (%)", "paired CI above zero on every seed"),
+                   rows)
+    if per_seed:
+        lines += ["", "ppo per seed: " + "; ".join(per_seed) + "."]
+    return lines + ["", f"Command: `{bench.get('command', '')}`."]
+
+
 def render_rm(report: dict) -> list[str]:
     rm = report["stages"]["rm"]
     probe = rm.get("candidate_top1") or {}
@@ -108,7 +127,7 @@ def render_record(record: dict) -> list[str]:
     return lines + _table(record["columns"], rows)
 
 
-RENDERERS = {"stages": render_stages, "families": render_families, "rlhf": render_rlhf, "rm": render_rm,
+RENDERERS = {"stages": render_stages, "families": render_families, "rlhf": render_rlhf, "rm": render_rm, "seeds": render_seeds,
              "provenance": render_provenance, "record": render_record}
 
 
