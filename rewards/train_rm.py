@@ -143,11 +143,18 @@ def check_objective(config: RewardTrainConfig, train_rows: list[dict], preferenc
             raise ValueError(f"rm.objective={config.objective} needs questions with both a correct and an incorrect "
                              "labelled answer, or pairwise preferences; the labels have none "
                              "(use rm.objective=pointwise)")
-    classes = {r["target"] for r in train_rows}
-    if len(classes) == 1 and not preferences:
-        only = "correct" if classes == {1} else "incorrect"
-        now = f" (now {sample.k}, {sample.temperature}, {sample.max_questions})" if sample is not None else ""
-        raise ValueError(f"all {len(train_rows)} training labels are {only}: a reward model learns nothing from one "
-                         f"class (it can only score every answer alike). Label answers of both kinds: sample more "
-                         f"varied answers with sample.k, sample.temperature or sample.max_questions{now}, or label "
-                         f"some by hand (vqa-rlhf label)")
+    counts = {label: sum(1 for r in train_rows if r["target"] == target) for label, target in
+              (("correct", 1), ("incorrect", 0))}
+    fewest = min(counts, key=counts.get)
+    if preferences or 0 < counts[fewest] >= config.min_labels_per_class:
+        return
+    what = (f"{counts[fewest]} of {len(train_rows)} training labels are {fewest}" if counts[fewest] else
+            f"all {len(train_rows)} training labels are {'correct' if fewest == 'incorrect' else 'incorrect'}")
+    if config.min_labels_per_class == 0:  # accepted on request (a smoke run), but said loudly
+        print(f"rm: WARNING: {what}: the reward model can only learn a constant", flush=True)
+        return
+    now = f" (now {sample.k}, {sample.temperature}, {sample.max_questions})" if sample is not None else ""
+    raise ValueError(f"{what}, fewer than rm.min_labels_per_class={config.min_labels_per_class}: a reward model "
+                     f"learns nothing from one class. Label answers of both kinds: sample more varied answers with "
+                     f"sample.k, sample.temperature or sample.max_questions{now}, or label some by hand "
+                     f"(vqa-rlhf label)")

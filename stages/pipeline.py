@@ -32,6 +32,7 @@ SMOKE_OVERRIDES = [
     "rm.steps=4", "rm.batch_size=4", "rm.save_steps=2", "rm.logging_steps=1", "rm.warmup_steps=0",
     "ppo.steps=2", "ppo.batch_size=4", "ppo.mini_batches=2", "ppo.save_steps=1", "ppo.eval_steps=2",
     "ppo.eval_samples=8", "ppo.max_prompts=32", "rm.candidate_questions=16", "rm.best_of_n_questions=16",
+    "rm.min_labels_per_class=0",  # a 4-step SFT model answers everything wrong: one class of labels
 ]
 SMOKE_SYNTHETIC = {"train_images": 40, "val_images": 8, "test_images": 8, "rl_images": 8}
 SMOKE_ANSWER_IMAGES = 16  # of the 40 (when the config gives written answers to some images only)

@@ -168,6 +168,20 @@ def test_labels_of_one_class_are_refused_before_training_naming_what_makes_both(
     assert not (tmp_path / "rm" / "final").exists()
 
 
+def test_the_labels_each_class_needs_is_a_config_key_and_zero_accepts_one_class_loudly(capsys):
+    from rewards.train_rm import check_objective
+    from stages.pipeline import SMOKE_OVERRIDES
+    from vlm.config import RewardTrainConfig
+
+    rows = [{"target": 1}] * 3 + [{"target": 0}] * 40
+    check_objective(RewardTrainConfig(), rows)  # both classes: fine
+    with pytest.raises(ValueError, match=r"3 of 43 training labels are correct, fewer than rm.min_labels_per_class=5"):
+        check_objective(RewardTrainConfig(min_labels_per_class=5), rows)
+    check_objective(RewardTrainConfig(min_labels_per_class=0), rows[3:])  # --smoke: accepted, said loudly
+    assert "WARNING: all 40 training labels are incorrect" in capsys.readouterr().out
+    assert "rm.min_labels_per_class=0" in SMOKE_OVERRIDES
+
+
 # ---------------------------------------------------------------- what a reward knows
 
 class _Scores(torch.nn.Module):

@@ -205,6 +205,10 @@ class RewardTrainConfig(TrainConfig):
     labels: str | None = None  # an export dir (vqa-rlhf label export); default: exported from sample.db
     base: str | None = None  # the VLM whose backbone the reward model starts from; default: <run>/sft/final
     heldout_fraction: float = 0.2  # labels held out for evaluation, split by image
+    # Training labels each class (correct, incorrect) needs, checked before training: a reward model
+    # learns nothing from one class. 0 accepts one class with a warning (--smoke: an untrained model
+    # answers everything wrong).
+    min_labels_per_class: int = 1
     # Fact-augmented reward model (LLaVA-RLHF's Fact-RLHF): it also reads the image's reference facts
     # (its captions, from the labels' dataset) before the question, at training and scoring time.
     # Trained into <run>/rm-fact (ppo.reward=fact_model reads it), beside the plain one in <run>/rm.
@@ -654,6 +658,8 @@ def _check_ranges(config: RunConfig) -> None:
     if config.rlhf.rounds < 1 or not 0 <= config.rlhf.round <= config.rlhf.rounds:
         raise ConfigError(f"config keys 'rlhf.rounds' (at least 1) and 'rlhf.round' (0..rounds, set by the pipeline): "
                           f"got rounds={config.rlhf.rounds}, round={config.rlhf.round}")
+    if config.rm.min_labels_per_class < 0:
+        raise ConfigError(f"config key 'rm.min_labels_per_class' must be >= 0, got {config.rm.min_labels_per_class}")
     if not 0.0 <= config.autolabel.error_rate < 0.5:
         raise ConfigError(f"config key 'autolabel.error_rate' must be in [0, 0.5) (the share of labels the simulated "
                           f"labeler gets wrong), got {config.autolabel.error_rate}")
