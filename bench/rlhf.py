@@ -165,8 +165,8 @@ def over_seeds(per_seed: dict[int, dict]) -> dict[str, dict]:
     spread = lambda values: {"mean": round(statistics.mean(values), 2),
                              "sd": round(statistics.stdev(values), 2) if len(values) > 1 else None}
     out = {"start": spread([run["start"] for run in per_seed.values()])}
-    names = {name for run in per_seed.values() for name in run["methods"]}
-    for name in sorted(names):
+    names = dict.fromkeys(name for run in per_seed.values() for name in run["methods"])  # in the bench's order
+    for name in names:
         runs = {seed: run["methods"][name] for seed, run in per_seed.items() if name in run["methods"]}
         out[name] = {"seeds": sorted(runs), "test": spread([r["test"] for r in runs.values()]),
                      "error_removed": spread([r["error_removed"] for r in runs.values()]),
@@ -241,7 +241,13 @@ def main(argv=None) -> int:
         print(f"\nover seeds {','.join(map(str, seeds))} (mean +- sd over seeds; CI: paired, per seed):")
         print(seeds_table(per_seed[seeds[0]]["seeds"]))
     for seed, out in per_seed.items():
-        write_json(run_dirs[seed] / "bench-rlhf" / "table.json", out)
+        path = run_dirs[seed] / "bench-rlhf" / "table.json"
+        earlier = json.loads(path.read_text()) if path.is_file() else {}
+        kept = {n: r for n, r in (earlier.get("methods") or {}).items() if n not in out["methods"] and n not in methods}
+        if kept:  # methods an earlier bench measured on this run stay in its table, with that command too
+            commands = [c for c in earlier["command"].split("; ") if c != command] + [command]
+            out = {**out, "methods": {**out["methods"], **kept}, "command": "; ".join(commands)}
+        write_json(path, out)
         build_report(run_dirs[seed])  # each run's report shows its table
     return 0
 
