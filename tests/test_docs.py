@@ -41,8 +41,8 @@ def test_a_changed_figure_in_a_stored_report_is_caught(tmp_path):
 
 
 def test_the_seeds_table_is_rendered_from_bench_rlhf_seeds_and_asked_for_when_missing():
-    from bench.rlhf import over_seeds
     from vlm.docs import render_seeds
+    from bench.rlhf import over_seeds
 
     def run(start, test, low):
         return {"start": start, "methods": {"ppo": {"test": test, "change": test - start, "ci95": [low, low + 2],

@@ -169,9 +169,9 @@ def test_labels_of_one_class_are_refused_before_training_naming_what_makes_both(
 
 
 def test_the_labels_each_class_needs_is_a_config_key_and_zero_accepts_one_class_loudly(capsys):
+    from vlm.config import RewardTrainConfig
     from rewards.train_rm import check_objective
     from stages.pipeline import SMOKE_OVERRIDES
-    from vlm.config import RewardTrainConfig
 
     rows = [{"target": 1}] * 3 + [{"target": 0}] * 40
     check_objective(RewardTrainConfig(), rows)  # both classes: fine
