@@ -200,5 +200,5 @@ def test_pairwise_preferences_train_the_pairwise_reward_model(saved_tiny_model, 
     metrics = train(config, only_correct, saved_tiny_model, tmp_path / "rm")
     assert metrics["preference_pairs"] > 0 and metrics["steps"] == 2
     (only_correct / "pairs.jsonl").unlink()
-    with pytest.raises(ValueError, match="pairwise needs .* or pairwise preferences"):
+    with pytest.raises(SystemExit, match="labels in .*only-correct: rm.objective=pairwise needs .* or pairwise preferences"):
         train(config, only_correct, saved_tiny_model, tmp_path / "rm2")
