@@ -238,11 +238,10 @@ def run_with_faults(command: list[str], run_dir: Path, faults: list[dict], durat
                     else:
                         killed_in = current if not (stage_dir(run_dir, current) / "done.json").is_file() else f"after {current}"
                     launch.kill()
+                    resumable = complete_checkpoints(stage_dir(run_dir, current))
                     fired = {**fault, "moment": moment, "killed_in": killed_in,
                              "finished": sorted(finished_stages(run_dir, stages), key=stages.index),
-                             "checkpoint": str(complete_checkpoints(stage_dir(run_dir, current))[-1])
-                             if current and complete_checkpoints(stage_dir(run_dir, current)) else None,
-                             "stage_at_kill": current}
+                             "checkpoint": str(resumable[-1]) if resumable else None, "stage_at_kill": current}
             time.sleep(POLL)
         code = launch.wait()
         if expect is not None:

@@ -24,7 +24,7 @@ model question by question (paired bootstrap 95% CI; error removed = share of th
 each seed is another dataset, SFT model, labels and reward model; the config's own seed is the
 config's own run, others go to <name>-seed<N>; a seed's finished stages are skipped), the methods on
 each, and per method the mean +- sd over seeds of test accuracy and error removed, and whether the
-paired CI is above zero on every seed. Written to the config's run as table.json's `seeds`.
+paired CI is above zero on every seed. Written to the first seed's run as table.json's `seeds`.
 
 Writes <run>/bench-rlhf/table.json (the run's report shows it: `vqa-rlhf report <run>`) and prints
 the table. A method that fails prints its error and the bench goes on. Finished methods are kept:
@@ -177,13 +177,11 @@ def over_seeds(per_seed: dict[int, dict]) -> dict[str, dict]:
 
 
 def seeds_table(summary: dict) -> str:
-    pm = lambda s: f"{s['mean']:.2f}" + (f" +- {s['sd']:.2f}" if s["sd"] is not None else "")
-    lines = [f"{'method':<12}{'seeds':>7}{'test VQA':>18}{'error removed %':>20}  CI above 0 on every seed",
-             f"{'sft (start)':<12}{'':>7}{pm(summary['start']):>18}"]
-    for name, r in summary.items():
-        if name != "start":
-            lines.append(f"{name:<12}{len(r['seeds']):>7}{pm(r['test']):>18}{pm(r['error_removed']):>20}  "
-                         f"{'yes' if r['ci_above_zero_on_every_seed'] else 'no'}")
+    from vlm.report import seeds_rows
+
+    lines = [f"{'method':<12}{'seeds':>7}{'test VQA':>18}{'error removed %':>20}  CI above 0 on every seed"]
+    lines += [f"{name:<12}{seeds:>7}{test:>18}{removed:>20}  {above}" for name, seeds, test, removed, above in
+              seeds_rows(summary)]
     return "\n".join(lines)
 
 
@@ -243,7 +241,7 @@ def main(argv=None) -> int:
     for seed, out in per_seed.items():
         path = run_dirs[seed] / "bench-rlhf" / "table.json"
         earlier = json.loads(path.read_text()) if path.is_file() else {}
-        kept = {n: r for n, r in (earlier.get("methods") or {}).items() if n not in out["methods"] and n not in methods}
+        kept = {n: r for n, r in (earlier.get("methods") or {}).items() if n not in methods}
         if kept:  # methods an earlier bench measured on this run stay in its table, with that command too
             commands = [c for c in earlier["command"].split("; ") if c != command] + [command]
             out = {**out, "methods": {**out["methods"], **kept}, "command": "; ".join(commands)}

@@ -22,7 +22,7 @@ import re
 import statistics
 from pathlib import Path
 
-from vlm.report import STAGE_COLUMNS, stage_rows
+from vlm.report import SEEDS_COLUMNS, STAGE_COLUMNS, seeds_rows, stage_rows
 
 BLOCK = re.compile(r"(<!-- generated: (?P<kind>\w+) (?P<source>\S+) -->\n)(?P<body>.*?)(<!-- end generated -->)",
                    re.DOTALL)
@@ -75,14 +75,9 @@ def render_seeds(report: dict) -> list[str]:
     spread = bench.get("seeds")
     if not spread:
         raise ValueError("the report has no stages.rlhf.bench.seeds: run `vqa-rlhf bench rlhf --seeds 0,1,2` on its run")
-    pm = lambda s: f"{s['mean']:.2f}" + (f" +- {s['sd']:.2f}" if s["sd"] is not None else "")
-    rows = [("sft (start)", "", pm(spread["start"]), "", "")]
-    rows += [(name, ", ".join(map(str, r["seeds"])), pm(r["test"]), pm(r["error_removed"]),
-              "yes" if r["ci_above_zero_on_every_seed"] else "no") for name, r in spread.items() if name != "start"]
     per_seed = [f"seed {seed}: {r['test']} ({r['ci95'][0]:+.2f}..{r['ci95'][1]:+.2f}, {r['error_removed']}%)"
                 for seed, r in (spread.get("ppo") or {}).get("per_seed", {}).items()]
-    lines = _table(("method", "seeds", "test VQA (mean +- sd)", "error removed (%)", "paired CI above zero on every seed"),
-                   rows)
+    lines = _table(SEEDS_COLUMNS, seeds_rows(spread))
     if per_seed:
         lines += ["", "ppo per seed: " + "; ".join(per_seed) + "."]
     return lines + ["", f"Command: `{bench.get('command', '')}`."]

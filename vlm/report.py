@@ -366,13 +366,10 @@ def _rlhf_md(rlhf: dict) -> list[str]:
                   f"{m.get('labels', '-')} | {m.get('seconds', '-')} |" for name, m in bench["methods"].items()]
     spread = (bench or {}).get("seeds")
     if spread:  # bench rlhf --seeds: the whole run per seed (another dataset and training each)
-        pm = lambda s: f"{s['mean']}" + (f" +- {s['sd']}" if s["sd"] is not None else "")
         lines += ["", "Over seeds (each seed its own dataset, SFT model, labels and reward model; mean +- sd; "
-                      "the paired CI per seed):", "",
-                  "| method | seeds | test VQA | error removed (%) | CI above zero on every seed |", "|---|---|---|---|---|",
-                  f"| sft (start) | | {pm(spread['start'])} | | |"]
-        lines += [f"| {name} | {','.join(map(str, r['seeds']))} | {pm(r['test'])} | {pm(r['error_removed'])} | "
-                  f"{'yes' if r['ci_above_zero_on_every_seed'] else 'no'} |" for name, r in spread.items() if name != "start"]
+                      "the paired CI per seed):", "", "| " + " | ".join(SEEDS_COLUMNS) + " |",
+                  "|" + "---|" * len(SEEDS_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in seeds_rows(spread)]
     return lines
 
 
@@ -478,6 +475,23 @@ def stage_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
 
 
 STAGE_COLUMNS = ("stage", "test VQA", "change (95% CI)", "error removed", "seconds")
+
+
+def mean_sd(spread: dict) -> str:
+    """{"mean": m, "sd": s} as `m +- s` (sd None: one seed, the mean alone)."""
+    return f"{spread['mean']:.2f}" + (f" +- {spread['sd']:.2f}" if spread["sd"] is not None else "")
+
+
+def seeds_rows(spread: dict) -> list[tuple[str, str, str, str, str]]:
+    """`vqa-rlhf bench rlhf --seeds`' table (stages.rlhf.bench.seeds), method by method: (method, its
+    seeds, test VQA mean +- sd, error removed mean +- sd, whether the paired CI is above zero on every seed)."""
+    rows = [("sft (start)", "", mean_sd(spread["start"]), "", "")]
+    rows += [(name, ", ".join(map(str, r["seeds"])), mean_sd(r["test"]), mean_sd(r["error_removed"]),
+              "yes" if r["ci_above_zero_on_every_seed"] else "no") for name, r in spread.items() if name != "start"]
+    return rows
+
+
+SEEDS_COLUMNS = ("method", "seeds", "test VQA (mean +- sd)", "error removed (%)", "paired CI above zero on every seed")
 
 
 def print_table(report: dict) -> None:
