@@ -43,7 +43,8 @@ def test_sft_learns_only_from_the_answer_carrying_images(tiny_overrides, tiny_pr
     assert len(dataset) == 8 + int(8 * config.data.caption_ratio)
 
 
-@pytest.mark.parametrize("key,value", [("data.answer_images", 0), ("autolabel.error_rate", 0.5), ("rlhf.rounds", 0)])
+@pytest.mark.parametrize("key,value", [("data.answer_images", 0), ("autolabel.error_rate", 0.5), ("rlhf.rounds", 0),
+                                      ("rm.min_labels_per_class", -1)])
 def test_out_of_range_settings_are_config_errors_naming_the_key(key, value):
     from vlm.config import ConfigError, load_config
 
